@@ -1,0 +1,290 @@
+"""The kohya-compatible argument layer.
+
+Flag groups with KS names (`add_*_arguments`), `--config_file` / `--output_config`, and the KS facade
+`conditional_loss`. Everything here is about *parsing*; the work lives in the focused modules it calls.
+
+Config files differ from KS on purpose: every TOML value goes through the same type, choices and validation as
+the command line (KS assigns them unchecked), and an unknown key is an error that names the closest valid flag.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Sequence
+
+import toml
+
+from library.errors import UserError, unknown_key_message
+from library import loss_config
+from library.losses import conditional_loss  # noqa: F401  (KS facade, re-exported for users' patches)
+
+FAMILIES = ("sd1", "sdxl", "sd3")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flag groups
+# ----------------------------------------------------------------------------------------------------------------
+def add_model_arguments(parser: argparse.ArgumentParser, family: str) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                   help="diffusers folder or single-file .safetensors checkpoint (original layout)")
+    g.add_argument("--model_config", type=str, default=None,
+                   help="folder with a diffusers layout of configs: overrides the shipped architecture for single files")
+    g.add_argument("--vae", type=str, default=None, help="separate VAE (diffusers folder or single file)")
+    g.add_argument("--allow_pickle", action="store_true",
+                   help="allow .ckpt/.pt pickle checkpoints (loaded with weights_only=True)")
+    g.add_argument("--max_token_length", type=int, default=None, choices=[None, 75, 150, 225],
+                   help="max caption tokens (75 if omitted; 150/225 split into 75-token chunks as KS)")
+    g.add_argument("--zero_terminal_snr", action="store_true", help="rescale the noise schedule to zero terminal SNR")
+    g.add_argument("--v_parameterization", action="store_true", help="v-prediction objective")
+    if family == "sd1":
+        g.add_argument("--v2", action="store_true", help="load an SD2.x model")
+        g.add_argument("--clip_skip", type=int, default=None, help="use the output of the N-th last text-encoder layer")
+    if family == "sd3":
+        g.add_argument("--precondition_outputs", action="store_true",
+                       help="x0 preconditioning: prediction x0 = x_sigma - sigma * F, target x0 (KS SD3 behaviour)")
+        g.add_argument("--t5xxl_max_token_length", type=int, default=256, help="T5 sequence length")
+    g.add_argument("--sdpa", action="store_true", help="accepted for KS compatibility: PyTorch SDPA is always used")
+    g.add_argument("--xformers", action="store_true", help="use xformers attention (must be installed)")
+
+
+def add_dataset_arguments(parser: argparse.ArgumentParser, family: str) -> None:
+    g = parser.add_argument_group("dataset")
+    g.add_argument("--train_data_dir", type=str, default=None, help="folder of '<repeats>_<class tokens>' subfolders")
+    g.add_argument("--reg_data_dir", type=str, default=None, help="regularisation images, same layout")
+    g.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularisation images")
+    g.add_argument("--dataset_config", type=str, default=None, help="dataset TOML (KS schema)")
+    g.add_argument("--resolution", type=str, default=None, help="'512' or '512,768' (width,height)")
+    g.add_argument("--enable_bucket", action="store_true", help="aspect-ratio bucketing")
+    g.add_argument("--min_bucket_reso", type=int, default=256)
+    g.add_argument("--max_bucket_reso", type=int, default=1024)
+    g.add_argument("--bucket_reso_steps", type=int, default=32 if family == "sdxl" else 64)
+    g.add_argument("--bucket_no_upscale", action="store_true")
+    g.add_argument("--caption_extension", type=str, default=".caption")
+    g.add_argument("--shuffle_caption", action="store_true")
+    g.add_argument("--keep_tokens", type=int, default=0)
+    g.add_argument("--keep_tokens_separator", type=str, default="")
+    g.add_argument("--caption_prefix", type=str, default=None)
+    g.add_argument("--caption_suffix", type=str, default=None)
+    g.add_argument("--caption_dropout_rate", type=float, default=0.0)
+    g.add_argument("--caption_dropout_every_n_epochs", type=int, default=0)
+    g.add_argument("--caption_tag_dropout_rate", type=float, default=0.0)
+    g.add_argument("--flip_aug", action="store_true")
+    g.add_argument("--color_aug", action="store_true")
+    g.add_argument("--random_crop", action="store_true")
+    g.add_argument("--cache_latents", action="store_true")
+    g.add_argument("--cache_latents_to_disk", action="store_true")
+    if family in ("sdxl", "sd3"):
+        g.add_argument("--cache_text_encoder_outputs", action="store_true")
+        g.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true")
+    g.add_argument("--train_batch_size", type=int, default=1)
+    g.add_argument("--max_data_loader_n_workers", type=int, default=0)
+    g.add_argument("--persistent_data_loader_workers", action="store_true")
+
+
+def add_network_arguments(parser: argparse.ArgumentParser, family: str) -> None:
+    g = parser.add_argument_group("network")
+    g.add_argument("--network_module", type=str, default="networks.lora")
+    g.add_argument("--network_dim", type=int, default=None, help="LoRA rank (KS default 4)")
+    g.add_argument("--network_alpha", type=float, default=1.0, help="scale = alpha / rank")
+    g.add_argument("--network_args", type=str, nargs="*", default=None, help="key=value: conv_dim, conv_alpha, ...")
+    g.add_argument("--network_dropout", type=float, default=None, help="neuron dropout on the down projection")
+    g.add_argument("--network_weights", type=str, default=None, help="start from an existing LoRA")
+    g.add_argument("--dim_from_weights", action="store_true", help="take dims/alphas from --network_weights")
+    g.add_argument("--network_train_unet_only", action="store_true")
+    g.add_argument("--network_train_text_encoder_only", action="store_true")
+    g.add_argument("--unet_lr", type=float, default=None)
+    g.add_argument("--text_encoder_lr", type=float, nargs="*", default=None,
+                   help="one value, or one per text encoder (sdxl/sd3)")
+    g.add_argument("--training_comment", type=str, default=None)
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("training")
+    g.add_argument("--output_dir", type=str, default=None)
+    g.add_argument("--output_name", type=str, default="last")
+    g.add_argument("--save_model_as", type=str, default="safetensors", choices=["safetensors"])
+    g.add_argument("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"])
+    g.add_argument("--save_every_n_steps", type=int, default=None)
+    g.add_argument("--save_every_n_epochs", type=int, default=None)
+    g.add_argument("--save_last_n_steps", type=int, default=None, help="keep step saves of the last N steps only")
+    g.add_argument("--save_last_n_epochs", type=int, default=None, help="keep the last N epoch saves only")
+    g.add_argument("--save_state", action="store_true", help="save the training state with every LoRA save")
+    g.add_argument("--save_state_on_train_end", action="store_true")
+    g.add_argument("--resume", type=str, default=None, help="state folder to resume from")
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--optimizer_type", type=str, default="AdamW",
+                   help="AdamW, AdamW8bit, Lion, Lion8bit, SGDNesterov, Adafactor, Prodigy, or module.Class")
+    g.add_argument("--optimizer_args", type=str, nargs="*", default=None, help="key=value optimizer arguments")
+    g.add_argument("--lr_scheduler", type=str, default="constant",
+                   choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                            "polynomial", "adafactor"])
+    g.add_argument("--lr_warmup_steps", type=float, default=0, help="steps, or a ratio of max_train_steps if < 1")
+    g.add_argument("--lr_scheduler_num_cycles", type=int, default=1)
+    g.add_argument("--lr_scheduler_power", type=float, default=1.0)
+    g.add_argument("--max_train_steps", type=int, default=1600)
+    g.add_argument("--max_train_epochs", type=int, default=None)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
+    g.add_argument("--full_fp16", action="store_true")
+    g.add_argument("--full_bf16", action="store_true")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--logging_dir", type=str, default=None)
+    g.add_argument("--log_with", type=str, default=None, choices=[None, "tensorboard", "wandb", "all"])
+    g.add_argument("--log_prefix", type=str, default=None)
+    g.add_argument("--log_tracker_name", type=str, default=None)
+    g.add_argument("--sample_prompts", type=str, default=None)
+    g.add_argument("--sample_every_n_steps", type=int, default=None)
+    g.add_argument("--sample_every_n_epochs", type=int, default=None)
+    g.add_argument("--sample_sampler", type=str, default="ddim",
+                   choices=["ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver",
+                            "dpmsolver++", "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a"])
+    g.add_argument("--lowram", action="store_true", help="accepted for KS compatibility (no effect here)")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("config")
+    g.add_argument("--config_file", type=str, default=None, help="TOML with any flag as a key")
+    g.add_argument("--output_config", action="store_true",
+                   help="write the effective config to --config_file and exit (KS behaviour)")
+
+
+def setup_parser(family: str) -> argparse.ArgumentParser:
+    """All flags of one trainer, in KS groups."""
+    if family not in FAMILIES:
+        raise ValueError(family)
+    parser = argparse.ArgumentParser(description=f"LoRA training ({family})", allow_abbrev=False)
+    add_model_arguments(parser, family)
+    add_dataset_arguments(parser, family)
+    add_network_arguments(parser, family)
+    add_training_arguments(parser)
+    loss_config.add_arguments(parser)
+    add_config_arguments(parser)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --config_file
+# ----------------------------------------------------------------------------------------------------------------
+def load_config_file(path: str) -> dict[str, Any]:
+    """Flat {key: value} from a TOML file. Sections only group keys (KS): their names are ignored."""
+    if not os.path.isfile(path):
+        if os.path.isfile(path + ".toml"):
+            path = path + ".toml"
+        else:
+            raise UserError(f"--config_file: {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = toml.load(f)
+    except (toml.TomlDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"--config_file: {path} is not valid TOML: {e}") from None
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def _actions_by_dest(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+
+
+def config_to_argv(config: dict[str, Any], parser: argparse.ArgumentParser, where: str) -> list[str]:
+    """Turn TOML values into command-line tokens, checking each against its flag's type and choices.
+
+    Errors name the file and the key; unknown keys suggest the closest valid one."""
+    actions = _actions_by_dest(parser)
+    argv: list[str] = []
+    for key, value in config.items():
+        action = actions.get(key)
+        if action is None or key in ("config_file", "output_config"):
+            raise UserError(unknown_key_message(key, actions.keys(), where))
+        flag = action.option_strings[0]
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if not isinstance(value, bool):
+                raise UserError(f"{where}: key '{key}' must be true or false, got {value!r}")
+            if value == isinstance(action, argparse._StoreTrueAction):
+                argv.append(flag)
+            continue
+        values = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and action.nargs not in ("*", "+") and not isinstance(action.nargs, int):
+            raise UserError(f"{where}: key '{key}' takes a single value, got a list {value!r}")
+        if isinstance(value, dict):
+            raise UserError(f"{where}: key '{key}' takes a value, got a table")
+        tokens = []
+        for v in values:
+            if isinstance(v, bool) and action.type is not None and action.type is not str:
+                raise UserError(f"{where}: key '{key}' expects {_type_name(action)}, got {v!r}")
+            token = str(v)
+            if action.type is not None:
+                try:
+                    converted = action.type(token)
+                except (TypeError, ValueError):
+                    raise UserError(f"{where}: key '{key}' expects {_type_name(action)}, got {v!r}") from None
+                if action.type in (int,) and isinstance(v, float) and not float(v).is_integer():
+                    raise UserError(f"{where}: key '{key}' expects an integer, got {v!r}")
+                if action.choices is not None and converted not in action.choices:
+                    raise UserError(f"{where}: key '{key}' must be one of "
+                                    f"{[c for c in action.choices if c is not None]}, got {v!r}")
+            tokens.append(token)
+        argv.append(flag)
+        argv.extend(tokens)
+    return argv
+
+
+def _type_name(action: argparse.Action) -> str:
+    return {int: "an integer", float: "a number", str: "a string"}.get(action.type, getattr(action.type, "__name__", "a value"))
+
+
+def parse_args(family: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line, with `--config_file` values underneath it (the command line wins)."""
+    parser = setup_parser(family)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = parser.parse_args(argv)
+    if first.config_file and not first.output_config:
+        config = load_config_file(first.config_file)
+        file_argv = config_to_argv(config, parser, f"--config_file {first.config_file}")
+        args = parser.parse_args(file_argv + argv)
+    else:
+        args = first
+    if args.output_config:
+        if not args.config_file:
+            raise UserError("--output_config: also give --config_file PATH, where the effective config is written")
+        write_config_file(args, parser, args.config_file)
+        print(f"wrote the effective config to {args.config_file}")
+        raise SystemExit(0)
+    return args
+
+
+def write_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser, path: str) -> None:
+    """The effective config as flat TOML (only values that differ from the defaults; None is omitted)."""
+    actions = _actions_by_dest(parser)
+    out = {}
+    for dest, action in actions.items():
+        if dest in ("config_file", "output_config"):
+            continue
+        value = getattr(args, dest, None)
+        if value is None or value == action.default:
+            continue
+        out[dest] = value
+    if not path.endswith(".toml"):
+        path += ".toml"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        toml.dump(out, f)
+
+
+def run_cli(main, family: str, argv: Sequence[str] | None = None) -> int:
+    """Entry-point wrapper: user mistakes print `error: ...` and exit 2 with no traceback."""
+    try:
+        args = parse_args(family, argv)
+        main(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,563 @@
+"""The one training loop, for every model family.
+
+`train(args, adapter)` reads as a table of contents: validate everything -> accelerator -> data -> models ->
+network -> optimizer -> resume -> loop -> save. A family differs only in its adapter (library/families).
+
+Distributed training: each rank takes a disjoint share of every epoch's batches; LoRA gradients are averaged
+across ranks with one all-reduce of a flat buffer per optimizer step (the network is not wrapped in DDP, which
+never sees the UNet's forward because LoRA modules patch the frozen model's forwards).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from library import checkpointing, metadata as metadata_lib, optimizers
+from library.checkpointing import TrainState
+from library.errors import UserError
+from library.families.base import FamilyAdapter, ModelOptions
+from library.loss_config import LossConfig
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Validation: everything a user can get wrong is checked here, before any model loads
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """Validated plain values derived from the flags."""
+    model: ModelOptions
+    prediction_type: str
+    loss: LossConfig
+    train_unet: bool
+    train_text_encoder: bool
+    network_kwargs: dict[str, str]
+    seed: int
+    weight_dtype: torch.dtype = torch.float32
+    save_dtype: torch.dtype = torch.float32
+
+
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32, "no": torch.float32, None: None}
+
+
+def validate(args: argparse.Namespace, adapter: FamilyAdapter) -> Plan:
+    family = adapter.name
+    if not args.pretrained_model_name_or_path:
+        raise UserError("--pretrained_model_name_or_path is required (a diffusers folder or a .safetensors file)")
+    if not args.output_dir:
+        raise UserError("--output_dir is required (where the LoRA files are written)")
+    if not args.train_data_dir and not args.dataset_config:
+        raise UserError("give --train_data_dir (folders '<repeats>_<class tokens>') or --dataset_config FILE.toml")
+    if args.network_train_unet_only and args.network_train_text_encoder_only:
+        raise UserError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
+    if args.dim_from_weights and not args.network_weights:
+        raise UserError("--dim_from_weights needs --network_weights FILE")
+    if args.network_weights and not os.path.isfile(args.network_weights):
+        raise UserError(f"--network_weights: {args.network_weights} does not exist")
+    if args.gradient_accumulation_steps < 1:
+        raise UserError("--gradient_accumulation_steps must be at least 1")
+    if args.train_batch_size < 1:
+        raise UserError("--train_batch_size must be at least 1")
+    if args.max_train_steps is not None and args.max_train_steps < 1 and not args.max_train_epochs:
+        raise UserError("--max_train_steps must be at least 1")
+    for flag in ("save_every_n_steps", "save_every_n_epochs", "save_last_n_steps", "save_last_n_epochs",
+                 "max_train_epochs"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag} must be a positive integer (omit it to disable)")
+    if args.learning_rate <= 0 and args.optimizer_type.lower() != "adafactor":
+        raise UserError("--learning_rate must be positive")
+    if args.max_grad_norm is not None and args.max_grad_norm < 0:
+        raise UserError("--max_grad_norm must be >= 0 (0 disables clipping)")
+    if args.xformers:
+        try:
+            importlib.import_module("xformers")
+        except ImportError:
+            raise UserError("--xformers: xformers is not installed; omit the flag (PyTorch SDPA is used)") from None
+    if args.log_with in ("wandb", "all"):
+        try:
+            importlib.import_module("wandb")
+        except ImportError:
+            raise UserError(f"--log_with {args.log_with}: wandb is not installed; pip install wandb or use tensorboard")
+    if args.sample_prompts and not os.path.isfile(args.sample_prompts):
+        raise UserError(f"--sample_prompts: {args.sample_prompts} does not exist")
+    if (args.sample_every_n_steps or args.sample_every_n_epochs) and not args.sample_prompts:
+        raise UserError("--sample_every_n_steps/--sample_every_n_epochs need --sample_prompts FILE")
+    if args.full_fp16 and args.mixed_precision != "fp16":
+        raise UserError("--full_fp16 needs --mixed_precision fp16")
+    if args.full_bf16 and args.mixed_precision != "bf16":
+        raise UserError("--full_bf16 needs --mixed_precision bf16")
+    if args.resume:
+        checkpointing.check_state_folder(args.resume)
+    cache_te = getattr(args, "cache_text_encoder_outputs", False) or getattr(args, "cache_text_encoder_outputs_to_disk", False)
+    if cache_te and not args.network_train_unet_only:
+        raise UserError("--cache_text_encoder_outputs needs --network_train_unet_only (cached outputs cannot train "
+                        "text-encoder LoRA)")
+    if args.cache_latents_to_disk:
+        args.cache_latents = True
+    try:
+        importlib.import_module(args.network_module)
+    except ImportError as e:
+        raise UserError(f"--network_module {args.network_module}: cannot import it ({e})") from None
+    optimizers.validate_optimizer_options(args.optimizer_type, args.optimizer_args)
+    network_kwargs = {}
+    for item in args.network_args or []:
+        if "=" not in item:
+            raise UserError(f"--network_args: '{item}' is not key=value")
+        key, value = item.split("=", 1)
+        network_kwargs[key.strip()] = value.strip()
+
+    model = ModelOptions(
+        pretrained_model_name_or_path=args.pretrained_model_name_or_path, model_config=args.model_config,
+        vae=args.vae, v2=getattr(args, "v2", False), v_parameterization=args.v_parameterization,
+        clip_skip=getattr(args, "clip_skip", None), max_token_length=args.max_token_length,
+        allow_pickle=args.allow_pickle, zero_terminal_snr=args.zero_terminal_snr,
+        precondition_outputs=getattr(args, "precondition_outputs", False),
+        t5xxl_max_token_length=getattr(args, "t5xxl_max_token_length", 256))
+    prediction_type = adapter.prediction_type(model)
+    loss = LossConfig.from_args(args, family, prediction_type)
+    weight_dtype = _DTYPES[args.mixed_precision]
+    model.weight_dtype = weight_dtype
+    return Plan(model=model, prediction_type=prediction_type, loss=loss,
+                train_unet=not args.network_train_text_encoder_only,
+                train_text_encoder=not args.network_train_unet_only, network_kwargs=network_kwargs,
+                seed=args.seed if args.seed is not None else 42, weight_dtype=weight_dtype,
+                save_dtype=_DTYPES[args.save_precision] or torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Components
+# ----------------------------------------------------------------------------------------------------------------
+def make_accelerator(args: argparse.Namespace):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    log_with = None
+    project_config = None
+    if args.logging_dir:
+        log_with = args.log_with or "tensorboard"
+        logging_dir = os.path.join(args.logging_dir, (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S"))
+        project_config = ProjectConfiguration(project_dir=logging_dir, logging_dir=logging_dir)
+    elif args.log_with:
+        raise UserError(f"--log_with {args.log_with} needs --logging_dir DIR")
+    use_cpu = not torch.cuda.is_available() and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
+    return Accelerator(mixed_precision=args.mixed_precision, log_with=log_with, project_config=project_config,
+                       cpu=use_cpu)
+
+
+def step_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
+    """Seed of the global RNG for one micro-step (LoRA dropout, VAE sampling), so resumed runs replay exactly."""
+    return (seed * 1_000_003 + step * 9_176 + micro_step * 131 + rank * 7) % (2**63 - 1)
+
+
+def rank_batches(batches: list, rank: int, world_size: int) -> list:
+    """This rank's share of an epoch: batches rank, rank + W, ...; wrapped so every rank gets the same count."""
+    if not batches:
+        return []
+    count = math.ceil(len(batches) / world_size)
+    return [batches[(rank + i * world_size) % len(batches)] for i in range(count)]
+
+
+class _BatchList(torch.utils.data.Dataset):
+    """The batches of one epoch for this rank, from a position on (resume skips without loading)."""
+
+    def __init__(self, group, batches: list, epoch: int):
+        self.group, self.batches, self.epoch = group, batches, epoch
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.group.load_batch(self.batches[i], self.epoch)
+
+
+def all_reduce_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
+    """Average the LoRA gradients over ranks with one all-reduce of a flat buffer."""
+    if world_size <= 1:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
+        offset += n
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. The loop
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """Everything the loop and the save functions share."""
+    args: argparse.Namespace
+    plan: Plan
+    adapter: Any
+    accelerator: Any
+    models: Any
+    group: Any
+    network: Any
+    optimizer: Any
+    lr_scheduler: Any
+    engine: Any
+    state: TrainState
+    metadata: dict = field(default_factory=dict)
+
+
+def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
+    """Train a LoRA; returns the path of the final LoRA file."""
+    from library.data import build_dataset_group, DatasetOptions
+    from library.engine import LossEngine
+
+    plan = validate(args, adapter)
+    data_options = DatasetOptions.from_args(args)
+    data_options.seed = plan.seed
+    if args.bucket_reso_steps is None:
+        data_options.bucket_reso_steps = adapter.bucket_reso_steps
+    group = build_dataset_group(data_options)  # scans every image: data errors surface before models load
+
+    accelerator = make_accelerator(args)
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+
+    models = adapter.load(plan.model)
+    device = accelerator.device
+    for module in [models.denoiser, models.vae, *[te for te in models.text_encoders if te is not None]]:
+        module.requires_grad_(False)
+        module.eval()
+        module.to(device, dtype=plan.weight_dtype if module is not models.vae else torch.float32)
+
+    # Latents (and text-encoder outputs) are cached once, before training; the main process writes disk caches.
+    if args.cache_latents:
+        _cache_latents(args, adapter, models, group, accelerator)
+    if getattr(args, "cache_text_encoder_outputs", False) or getattr(args, "cache_text_encoder_outputs_to_disk", False):
+        _cache_text_encoder_outputs(args, adapter, models, group, accelerator)
+
+    network = _make_network(args, plan, models)
+    if args.gradient_checkpointing:
+        models.denoiser.enable_gradient_checkpointing()
+        models.denoiser.train()
+        if plan.train_text_encoder:
+            for te in models.text_encoders:
+                if te is not None and hasattr(te, "gradient_checkpointing_enable"):
+                    te.gradient_checkpointing_enable()
+                    te.train()
+        if hasattr(network, "enable_gradient_checkpointing"):
+            network.enable_gradient_checkpointing()
+    network.to(device)
+
+    # Steps: an epoch is this rank's share of batches; an optimizer step is gradient_accumulation_steps of them.
+    micro_per_epoch = len(rank_batches(group.make_batches(0), rank, world_size))
+    steps_per_epoch = math.ceil(micro_per_epoch / args.gradient_accumulation_steps)
+    if args.max_train_epochs:
+        args.max_train_steps = args.max_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+
+    engine = LossEngine(plan.loss, adapter.kind, plan.prediction_type, models.alphas_cumprod, seed=plan.seed,
+                        rank=rank, world_size=world_size, max_train_steps=args.max_train_steps,
+                        zero_terminal_snr=args.zero_terminal_snr,
+                        flow_shift=getattr(plan.loss, "timestep_shift", 1.0) or 1.0,
+                        grad_accum_steps=args.gradient_accumulation_steps)
+    optimizer, lr_scheduler = _make_optimizer(args, plan, network)
+    optimizer = accelerator.prepare(optimizer)
+
+    state = TrainState(seed=plan.seed, world_size=world_size)
+    if args.resume:
+        state = _resume(args, network, optimizer, lr_scheduler, engine, accelerator, world_size)
+
+    started_at = time.time()
+    run = Run(args=args, plan=plan, adapter=adapter, accelerator=accelerator, models=models, group=group,
+              network=network, optimizer=optimizer, lr_scheduler=lr_scheduler, engine=engine, state=state)
+    run.metadata = metadata_lib.training_metadata(
+        args, adapter.name, num_train_images=group.num_train_images, num_reg_images=group.num_reg_images,
+        num_batches_per_epoch=micro_per_epoch, num_epochs=num_epochs, started_at=started_at,
+        loss_metadata=plan.loss.metadata(), dataset_metadata=group.metadata())
+    if accelerator.is_main_process and accelerator.log_with:
+        accelerator.init_trackers(args.log_tracker_name or "network_train",
+                                  config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    if accelerator.is_main_process:
+        print(f"training {adapter.name} LoRA: {group.num_train_images} images, {micro_per_epoch} batches per epoch "
+              f"per process, {args.max_train_steps} steps, {world_size} process(es)")
+
+    try:
+        _loop(run, steps_per_epoch, micro_per_epoch, num_epochs)
+    except KeyboardInterrupt:
+        if accelerator.is_main_process:
+            name = checkpointing.step_name(args.output_name, run.state.step)
+            path = _save_lora(run, name)
+            _save_state(run, os.path.join(args.output_dir, name + "-state"))
+            print(f"\ninterrupted at step {run.state.step}: saved {path} and its state; resume with "
+                  f"--resume {os.path.join(args.output_dir, name + '-state')}")
+        raise SystemExit(130)
+
+    accelerator.wait_for_everyone()
+    final = os.path.join(args.output_dir, args.output_name + ".safetensors")
+    if accelerator.is_main_process:
+        final = _save_lora(run, args.output_name)
+        if args.save_state or args.save_state_on_train_end:
+            _save_state(run, os.path.join(args.output_dir, args.output_name + "-state"))
+        print(f"saved {final}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final
+
+
+def _loop(run: Run, steps_per_epoch: int, micro_per_epoch: int, num_epochs: int) -> None:
+    args, accelerator, state, engine = run.args, run.accelerator, run.state, run.engine
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    accum = args.gradient_accumulation_steps
+    params = [p for p in run.network.parameters() if p.requires_grad]
+    bar = tqdm(total=args.max_train_steps, initial=state.step, disable=not accelerator.is_local_main_process,
+               desc="steps", smoothing=0)
+    recent: list[float] = []
+    while state.step < args.max_train_steps and state.epoch < num_epochs:
+        batches = rank_batches(run.group.make_batches(state.epoch), rank, world_size)
+        if hasattr(run.network, "on_epoch_start"):
+            run.network.on_epoch_start(run.models.text_encoders, run.models.denoiser)
+        loader = torch.utils.data.DataLoader(
+            _BatchList(run.group, batches[state.micro_in_epoch:], state.epoch), batch_size=None, shuffle=False,
+            num_workers=args.max_data_loader_n_workers,
+            persistent_workers=False)
+        micro_step = state.micro_in_epoch % accum
+        step_losses: list[torch.Tensor] = []
+        for batch in loader:
+            torch.manual_seed(step_seed(state.seed, state.step, micro_step, rank))
+            result, levels = _forward_backward(run, batch, micro_step)
+            step_losses.append(result.loss.detach())
+            state.micro_in_epoch += 1
+            micro_step += 1
+            last_of_epoch = state.micro_in_epoch == len(batches)
+            if micro_step < accum and not last_of_epoch:
+                continue
+            # One optimizer step: average grads over ranks, clip, step, schedule.
+            all_reduce_gradients(params, world_size)
+            if args.max_grad_norm:
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            run.optimizer.step()
+            run.lr_scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            micro_step = 0
+            loss_value = torch.stack(step_losses).mean().item()
+            step_losses = []
+            recent.append(loss_value)
+            recent = recent[-100:]
+            bar.update(1)
+            logs = {"loss/current": loss_value, "loss/average": sum(recent) / len(recent),
+                    **{f"lr/group{i}": g["lr"] for i, g in enumerate(run.optimizer.param_groups)}}
+            bar.set_postfix(loss=f"{loss_value:.4f}", avr_loss=f"{logs['loss/average']:.4f}",
+                            lr=f"{run.optimizer.param_groups[0]['lr']:.2e}")
+            if accelerator.log_with:
+                accelerator.log(logs, step=state.step)
+            _maybe_save_every_n_steps(run)
+            if state.step >= args.max_train_steps:
+                break
+        if state.micro_in_epoch >= len(batches):
+            state.epoch += 1
+            state.micro_in_epoch = 0
+            _maybe_save_every_n_epochs(run, num_epochs)
+    bar.close()
+
+
+def _forward_backward(run: Run, batch: dict, micro_step: int):
+    """One micro-batch: conditioning -> levels -> noise -> prediction -> loss -> backward."""
+    args, plan, adapter, models, engine, accelerator = run.args, run.plan, run.adapter, run.models, run.engine, run.accelerator
+    device = accelerator.device
+    step = run.state.step
+    with torch.no_grad():
+        if batch.get("latents") is not None:
+            latents = batch["latents"].to(device, torch.float32)
+        else:
+            latents = adapter.encode_images(models, batch["images"].to(device, torch.float32)).float()
+    if batch.get("text_encoder_outputs") is not None:
+        conditioning = {k: v.to(device) for k, v in batch["text_encoder_outputs"].items()}
+    else:
+        tokens = [t.to(device) for t in adapter.tokenize(models, batch["captions"])]
+        with torch.set_grad_enabled(plan.train_text_encoder), accelerator.autocast():
+            conditioning = adapter.encode_text(models, tokens)
+
+    levels = engine.sample_levels(step, latents.shape[0], micro_step, device=device)
+    noise = engine.sample_noise(latents, step, micro_step)
+    noisy, target = engine.make_inputs(latents, noise, levels)
+    with accelerator.autocast():
+        pred = adapter.predict(models, noisy.to(plan.weight_dtype), levels.timesteps, conditioning, batch)
+    result = engine.loss(pred.float(), target.float(), levels, step, noisy=noisy,
+                         sample_weights=batch["loss_weights"].to(device), mask=None)
+    accelerator.backward(result.loss / args.gradient_accumulation_steps)
+    engine.record(result, levels, gather=accelerator.gather if accelerator.num_processes > 1 else None)
+    return result, levels
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Setup helpers
+# ----------------------------------------------------------------------------------------------------------------
+def _cache_latents(args, adapter, models, group, accelerator) -> None:
+    import hashlib
+
+    vae = models.vae
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items())[:8]:
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
+    cache_key = f"{digest.hexdigest()[:16]}-{next(vae.parameters()).dtype}"
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return adapter.encode_images(models, images.to(accelerator.device, torch.float32)).float().cpu()
+
+    # The main process fills the disk cache first; the others then read it instead of recomputing.
+    if args.cache_latents_to_disk:
+        if accelerator.is_main_process:
+            group.cache_latents(encode, to_disk=True, cache_key=cache_key, batch_size=args.train_batch_size,
+                                device=accelerator.device)
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            group.cache_latents(encode, to_disk=True, cache_key=cache_key, batch_size=args.train_batch_size,
+                                device=accelerator.device)
+    else:
+        group.cache_latents(encode, to_disk=False, cache_key=cache_key, batch_size=args.train_batch_size,
+                            device=accelerator.device)
+
+
+def _cache_text_encoder_outputs(args, adapter, models, group, accelerator) -> None:
+    def encode(captions: list[str]) -> dict[str, torch.Tensor]:
+        tokens = [t.to(accelerator.device) for t in adapter.tokenize(models, captions)]
+        with torch.no_grad():
+            return {k: v.float().cpu() for k, v in adapter.encode_text(models, tokens).items()}
+
+    cache_key = f"{adapter.name}-te-{args.max_token_length}"
+    to_disk = bool(getattr(args, "cache_text_encoder_outputs_to_disk", False))
+    if to_disk and not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+    group.cache_text_encoder_outputs(encode, to_disk=to_disk, cache_key=cache_key)
+    if to_disk and accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+
+
+def _make_network(args, plan: Plan, models):
+    network_module = importlib.import_module(args.network_module)
+    text_encoders = models.text_encoders if len(models.text_encoders) > 1 else models.text_encoders[0]
+    if args.dim_from_weights:
+        network, _ = network_module.create_network_from_weights(1.0, args.network_weights, models.vae, text_encoders,
+                                                                models.denoiser, **plan.network_kwargs)
+    else:
+        network = network_module.create_network(1.0, args.network_dim, args.network_alpha, models.vae, text_encoders,
+                                                models.denoiser, neuron_dropout=args.network_dropout,
+                                                **plan.network_kwargs)
+    network.apply_to(text_encoders, models.denoiser, plan.train_text_encoder, plan.train_unet)
+    if args.network_weights and not args.dim_from_weights:
+        info = network.load_weights(args.network_weights)
+        print(f"loaded --network_weights {args.network_weights}: {info}")
+    if hasattr(network, "prepare_grad_etc"):
+        network.prepare_grad_etc(text_encoders, models.denoiser)
+    return network
+
+
+def _make_optimizer(args, plan: Plan, network):
+    from library.cluster_optim import ClusteredOptimizer, ClusteredLRScheduler
+
+    te_lr = args.text_encoder_lr
+    if isinstance(te_lr, list):
+        te_lr = te_lr[0] if len(te_lr) == 1 else (te_lr or None)
+    param_groups = network.prepare_optimizer_params(te_lr, args.unet_lr, args.learning_rate)
+    if isinstance(param_groups, tuple):  # KS networks return (params, descriptions)
+        param_groups = param_groups[0]
+    factory = optimizers.make_optimizer_factory(args.optimizer_type, args.learning_rate, args.optimizer_args)
+    warmup = optimizers.warmup_steps(args.lr_warmup_steps, args.max_train_steps)
+
+    def make_scheduler(opt):
+        return optimizers.make_lr_scheduler(args.lr_scheduler, opt, warmup, args.max_train_steps,
+                                            args.lr_scheduler_num_cycles, args.lr_scheduler_power)
+
+    clusters = getattr(plan.loss, "timestep_clusters", 0) or 0
+    if clusters > 0:
+        optimizer = ClusteredOptimizer(factory, param_groups, clusters)
+        if getattr(plan.loss, "cluster_lr_schedule", "global") == "per_cluster":
+            return optimizer, ClusteredLRScheduler(make_scheduler, optimizer)
+        return optimizer, make_scheduler(optimizer)
+    optimizer = factory(param_groups)
+    return optimizer, make_scheduler(optimizer)
+
+
+def _resume(args, network, optimizer, lr_scheduler, engine, accelerator, world_size: int) -> TrainState:
+    saved = checkpointing.load_state(args.resume)
+    missing, unexpected = network.load_state_dict(saved["network"], strict=False)
+    if unexpected or [k for k in missing if "lora" in k]:
+        raise UserError(f"--resume: {args.resume} holds a different network (missing {list(missing)[:3]}, "
+                        f"unexpected {list(unexpected)[:3]}); use the same --network_* flags as the saved run")
+    optimizer.load_state_dict(saved["optimizer"])
+    lr_scheduler.load_state_dict(saved["lr_scheduler"])
+    if saved["engine"] is not None:
+        engine.load_state_dict(saved["engine"])
+    if saved["scaler"] is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(saved["scaler"])
+    state = saved["train_state"]
+    if state.world_size != world_size:
+        raise UserError(f"--resume: the state was saved with {state.world_size} process(es), this run has "
+                        f"{world_size}; resume with the same number of processes")
+    if accelerator.is_main_process:
+        print(f"resumed from {args.resume} at step {state.step} (epoch {state.epoch + 1})")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Saving
+# ----------------------------------------------------------------------------------------------------------------
+def _save_lora(run: Run, name: str) -> str:
+    path = os.path.join(run.args.output_dir, name + ".safetensors")
+    os.makedirs(run.args.output_dir, exist_ok=True)
+    md = metadata_lib.finish_metadata(run.metadata, run.state.step, run.state.epoch)
+    run.network.save_weights(path, run.plan.save_dtype, md)
+    return path
+
+
+def _save_state(run: Run, folder: str) -> None:
+    engine_state = run.engine.state_dict()
+    loss_map = engine_state.get("loss_map") if isinstance(engine_state, dict) else None
+    if isinstance(loss_map, dict):
+        loss_map = loss_map.get("values")
+    scaler = run.accelerator.scaler.state_dict() if run.accelerator.scaler is not None else None
+    checkpointing.save_state(folder, network_state=run.network.state_dict(),
+                             optimizer_state=run.optimizer.state_dict(),
+                             scheduler_state=run.lr_scheduler.state_dict(), engine_state=engine_state,
+                             train_state=run.state, scaler_state=scaler,
+                             loss_map=loss_map if isinstance(loss_map, torch.Tensor) else None)
+
+
+def _maybe_save_every_n_steps(run: Run) -> None:
+    args, state = run.args, run.state
+    if not args.save_every_n_steps or state.step % args.save_every_n_steps or state.step >= args.max_train_steps:
+        return
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        name = checkpointing.step_name(args.output_name, state.step)
+        _save_lora(run, name)
+        if args.save_state:
+            _save_state(run, os.path.join(args.output_dir, name + "-state"))
+        checkpointing.remove_old_saves(args.output_dir, args.output_name, args.save_last_n_steps, state.step,
+                                       "step", args.save_every_n_steps)
+
+
+def _maybe_save_every_n_epochs(run: Run, num_epochs: int) -> None:
+    args, state = run.args, run.state
+    if not args.save_every_n_epochs or state.epoch % args.save_every_n_epochs or state.epoch >= num_epochs:
+        return
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        name = checkpointing.epoch_name(args.output_name, state.epoch)
+        _save_lora(run, name)
+        if args.save_state:
+            _save_state(run, os.path.join(args.output_dir, name + "-state"))
+        checkpointing.remove_old_saves(args.output_dir, args.output_name, args.save_last_n_epochs, state.epoch,
+                                       "epoch", args.save_every_n_epochs)
