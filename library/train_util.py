@@ -45,6 +45,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, family: str) -> None:
         g.add_argument("--precondition_outputs", action="store_true",
                        help="x0 preconditioning: prediction x0 = x_sigma - sigma * F, target x0 (KS SD3 behaviour)")
         g.add_argument("--t5xxl_max_token_length", type=int, default=256, help="T5 sequence length")
+        g.add_argument("--clip_l", type=str, default=None, help="CLIP-L weights when the checkpoint has none")
+        g.add_argument("--clip_g", type=str, default=None, help="CLIP-G weights when the checkpoint has none")
+        g.add_argument("--t5xxl", type=str, default=None, help="T5-XXL weights, or 'none' to train without T5")
+    g.add_argument("--no_half_vae", action="store_true",
+                   help="accepted for KS compatibility: the VAE always runs in fp32 here")
     g.add_argument("--sdpa", action="store_true", help="accepted for KS compatibility: PyTorch SDPA is always used")
     g.add_argument("--xformers", action="store_true", help="use xformers attention (must be installed)")
 

@@ -121,7 +121,14 @@ def validate(args: argparse.Namespace, adapter: FamilyAdapter) -> Plan:
         clip_skip=getattr(args, "clip_skip", None), max_token_length=args.max_token_length,
         allow_pickle=args.allow_pickle, zero_terminal_snr=args.zero_terminal_snr,
         precondition_outputs=getattr(args, "precondition_outputs", False),
-        t5xxl_max_token_length=getattr(args, "t5xxl_max_token_length", 256))
+        t5xxl_max_token_length=getattr(args, "t5xxl_max_token_length", 256),
+        clip_l=getattr(args, "clip_l", None), clip_g=getattr(args, "clip_g", None), t5xxl=getattr(args, "t5xxl", None))
+    # The model path and the family's own flag rules are checked here too, before anything heavy loads.
+    from library.families import loading
+    loading.resolve_model_source(args.pretrained_model_name_or_path, args.allow_pickle)
+    family_checks = getattr(importlib.import_module(type(adapter).__module__), "check_options", None)
+    if family_checks is not None:
+        family_checks(model)
     prediction_type = adapter.prediction_type(model)
     loss = LossConfig.from_args(args, family, prediction_type)
     weight_dtype = _DTYPES[args.mixed_precision]
@@ -167,16 +174,25 @@ def rank_batches(batches: list, rank: int, world_size: int) -> list:
 
 
 class _BatchList(torch.utils.data.Dataset):
-    """The batches of one epoch for this rank, from a position on (resume skips without loading)."""
+    """This rank's batches of one epoch, from a position on (resume skips without loading).
 
-    def __init__(self, group, batches: list, epoch: int):
-        self.group, self.batches, self.epoch = group, batches, epoch
+    Items are (batch_number, indices): the batch number is the batch's place in the whole epoch, so caption and
+    crop randomness does not depend on the number of processes."""
+
+    def __init__(self, group, batches: list[tuple[int, list[int]]], data_epoch: int):
+        self.group, self.batches, self.data_epoch = group, batches, data_epoch
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, i: int) -> dict:
-        return self.group.load_batch(self.batches[i], self.epoch)
+        batch_number, indices = self.batches[i]
+        return self.group.load_batch(indices, self.data_epoch, batch_number)
+
+
+def epoch_batches(group, epoch: int, rank: int, world_size: int) -> list[tuple[int, list[int]]]:
+    """This rank's (batch_number, indices) for 0-based `epoch` (the data layer counts epochs from 1, as KS)."""
+    return rank_batches(list(enumerate(group.make_batches(epoch + 1))), rank, world_size)
 
 
 def all_reduce_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
@@ -236,7 +252,10 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
     for module in [models.denoiser, models.vae, *[te for te in models.text_encoders if te is not None]]:
         module.requires_grad_(False)
         module.eval()
-        module.to(device, dtype=plan.weight_dtype if module is not models.vae else torch.float32)
+        dtype = plan.weight_dtype if module is not models.vae else torch.float32
+        module.to(device)
+        if next(module.parameters()).dtype != dtype:  # cast only when needed (diffusers warns on no-op casts)
+            module.to(dtype=dtype)
 
     # Latents (and text-encoder outputs) are cached once, before training; the main process writes disk caches.
     if args.cache_latents:
@@ -258,7 +277,7 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
     network.to(device)
 
     # Steps: an epoch is this rank's share of batches; an optimizer step is gradient_accumulation_steps of them.
-    micro_per_epoch = len(rank_batches(group.make_batches(0), rank, world_size))
+    micro_per_epoch = len(epoch_batches(group, 0, rank, world_size))
     steps_per_epoch = math.ceil(micro_per_epoch / args.gradient_accumulation_steps)
     if args.max_train_epochs:
         args.max_train_steps = args.max_train_epochs * steps_per_epoch
@@ -322,11 +341,11 @@ def _loop(run: Run, steps_per_epoch: int, micro_per_epoch: int, num_epochs: int)
                desc="steps", smoothing=0)
     recent: list[float] = []
     while state.step < args.max_train_steps and state.epoch < num_epochs:
-        batches = rank_batches(run.group.make_batches(state.epoch), rank, world_size)
+        batches = epoch_batches(run.group, state.epoch, rank, world_size)
         if hasattr(run.network, "on_epoch_start"):
             run.network.on_epoch_start(run.models.text_encoders, run.models.denoiser)
         loader = torch.utils.data.DataLoader(
-            _BatchList(run.group, batches[state.micro_in_epoch:], state.epoch), batch_size=None, shuffle=False,
+            _BatchList(run.group, batches[state.micro_in_epoch:], state.epoch + 1), batch_size=None, shuffle=False,
             num_workers=args.max_data_loader_n_workers,
             persistent_workers=False)
         micro_step = state.micro_in_epoch % accum
@@ -387,7 +406,7 @@ def _forward_backward(run: Run, batch: dict, micro_step: int):
         with torch.set_grad_enabled(plan.train_text_encoder), accelerator.autocast():
             conditioning = adapter.encode_text(models, tokens)
 
-    levels = engine.sample_levels(step, latents.shape[0], micro_step, device=device)
+    levels = engine.sample_levels(step, latents.shape[0], micro_step, device=device, latent_shape=tuple(latents.shape))
     noise = engine.sample_noise(latents, step, micro_step)
     noisy, target = engine.make_inputs(latents, noise, levels)
     with accelerator.autocast():

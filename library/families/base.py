@@ -26,6 +26,9 @@ class ModelOptions:
     zero_terminal_snr: bool = False
     precondition_outputs: bool = False   # sd3 only
     t5xxl_max_token_length: int = 256    # sd3 only
+    clip_l: str | None = None            # sd3 only: separate text-encoder files (KS flags)
+    clip_g: str | None = None
+    t5xxl: str | None = None             # sd3 only: a file, or "none" to train without T5
     weight_dtype: torch.dtype = torch.float32
 
 

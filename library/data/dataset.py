@@ -1,0 +1,504 @@
+"""The dataset group: scanned images of every subset, their buckets, per-epoch batches, sample loading, caches and
+the KS metadata summary.
+
+Build it with `build_dataset_group(DatasetOptions)`. Then per epoch (1-based, as KS):
+    group.set_epoch(epoch)                      # batches of this epoch, shuffled by (seed, epoch)
+    group.skip_batches(n)                       # resume: the first n batches are not loaded
+    loader = make_dataloader(group)             # loader.py; yields the batch dicts of `load_batch`
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from library.data.blueprint import DatasetConfig, SubsetConfig
+from library.data.buckets import BucketSelector, crop_offset
+from library.data.captions import process_caption, random_caption_flags, raw_caption, tag_frequency
+from library.data.dataset_config import resolve_datasets
+from library.data.folders import list_images
+from library.data.images import color_augment, load_rgb, pixels_to_tensor_batch, probe_images, resize_and_crop
+from library.data.latent_cache import (latent_cache_path, latent_identity, load_if_valid, save_atomic,
+                                       text_cache_path, text_identity)
+from library.data.options import DatasetOptions
+from library.data.randomness import data_rng
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# Bad image files (unreadable, truncated, empty) are skipped with a warning up to this share of all image files
+# found; above it the data is more likely wrong than a few files broken, so we stop before training.
+MAX_BAD_IMAGE_SHARE = 0.10
+AUGMENTATION_FLAGS = (("flip_aug", "--flip_aug"), ("random_crop", "--random_crop"), ("color_aug", "--color_aug"))
+
+
+@dataclass
+class ImageItem:
+    """One image file of one subset, scanned, with its bucket geometry (sizes (w, h) as KS unless named _hw)."""
+    index: int
+    path: str
+    dataset_index: int
+    subset_index: int                      # into DatasetGroup.subsets
+    caption: str                           # before processing (caption file or class tokens)
+    original_size_hw: tuple[int, int]
+    bucket_wh: tuple[int, int]
+    resized_wh: tuple[int, int]
+    ar_error: float
+    num_repeats: int                       # times per epoch (reg items: after KS balancing; 0 = unused)
+    loss_weight: float
+    is_reg: bool
+    is_val: bool                           # held out for validation (is_val subset or validation_split)
+    file_size: int
+    mtime_ns: int
+    # Filled by the caches: in memory (latents / text_outputs) or a file beside the image (*_path), with what
+    # they were computed from (latents_key = the caller's VAE identity; text_identity = cache key + caption).
+    latents: torch.Tensor | None = None
+    latents_path: str | None = None
+    latents_key: str | None = None
+    text_outputs: dict[str, torch.Tensor] | None = None
+    text_outputs_path: str | None = None
+    text_identity: dict[str, str] | None = None
+
+    @property
+    def target_size_hw(self) -> tuple[int, int]:
+        return self.bucket_wh[1], self.bucket_wh[0]
+
+    @property
+    def center_crop_left_top(self) -> tuple[int, int]:
+        return ((self.resized_wh[0] - self.bucket_wh[0]) // 2, (self.resized_wh[1] - self.bucket_wh[1]) // 2)
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    computed: int
+    reused: int
+
+
+@dataclass
+class DatasetGroup:
+    """All datasets of a run. Items are unique image files; batches are lists of item indices."""
+    datasets: list[DatasetConfig]
+    subsets: list[SubsetConfig]
+    subset_dataset: list[int]              # dataset index of each subset
+    items: list[ImageItem]
+    seed: int = 0
+    epoch: int = 1
+    skipped_batches: int = 0
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)
+    _batches: tuple[int, list[list[int]]] | None = field(default=None, repr=False)
+
+    # ---- batches ----------------------------------------------------------------------------------------------
+    def training_items(self) -> list[ImageItem]:
+        return [item for item in self.items if not item.is_val and item.num_repeats > 0]
+
+    def make_batches(self, epoch: int) -> list[list[int]]:
+        """The batches of `epoch`: per dataset and bucket, every training item num_repeats times, shuffled with
+        a generator of (seed, epoch, dataset), cut into batch_size chunks (the last may be short, as KS); then
+        all batches shuffled with a generator of (seed, epoch). Each batch lies in one bucket of one dataset."""
+        if self._batches is not None and self._batches[0] == epoch:
+            return self._batches[1]
+        by_bucket: dict[tuple[int, tuple[int, int]], list[int]] = defaultdict(list)
+        for item in self.training_items():
+            by_bucket[(item.dataset_index, item.bucket_wh)].extend([item.index] * item.num_repeats)
+        batches: list[list[int]] = []
+        for d_index, dataset in enumerate(self.datasets):
+            rng = data_rng(self.seed, "bucket-shuffle", epoch, d_index)
+            for key in sorted(k for k in by_bucket if k[0] == d_index):
+                members = np.asarray(by_bucket[key])[rng.permutation(len(by_bucket[key]))].tolist()
+                batches.extend(members[i:i + dataset.batch_size] for i in range(0, len(members), dataset.batch_size))
+        order = data_rng(self.seed, "batch-order", epoch).permutation(len(batches))
+        batches = [batches[i] for i in order]
+        self._batches = (epoch, batches)
+        return batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (1-based, as KS) whose batches the loader yields; clears any skip."""
+        self.epoch = epoch
+        self.skipped_batches = 0
+
+    def skip_batches(self, count: int) -> None:
+        """Resume inside an epoch: the loader starts at batch `count` of the current epoch without loading the
+        batches before it; the remaining batches are those of an uninterrupted epoch."""
+        if not 0 <= count <= self.num_batches_per_epoch:
+            raise ValueError(f"cannot skip {count} of {self.num_batches_per_epoch} batches")
+        self.skipped_batches = count
+
+    @property
+    def num_batches_per_epoch(self) -> int:
+        return len(self.make_batches(self.epoch))
+
+    # ---- loading ----------------------------------------------------------------------------------------------
+    def load_batch(self, indices: list[int], epoch: int, batch_number: int, augment: bool = True) -> dict[str, Any]:
+        """The batch dict of items `indices`. Random choices (caption, crop, flip, colour) come from generators of
+        (seed, epoch, batch_number, position). `augment=False`: centre crop, no flip / colour, the deterministic
+        caption (validation and cache filling)."""
+        items = [self.items[i] for i in indices]
+        subsets = [self.subsets[item.subset_index] for item in items]
+        captions, crops, pixels = [], [], []
+        use_latents = all(item.latents is not None or item.latents_path for item in items)
+        for position, (item, subset) in enumerate(zip(items, subsets)):
+            aug_rng = data_rng(self.seed, "augment", epoch, batch_number, position) if augment else None
+            caption_rng = data_rng(self.seed, "caption", epoch, batch_number, position) if augment else None
+            if item.text_outputs is not None or item.text_outputs_path:
+                caption_rng = None  # cached conditioning was computed from the deterministic caption
+            captions.append(process_caption(item.caption, subset, epoch, caption_rng))
+            crop_left_top, flip = self._geometry(item, subset, aug_rng)
+            crops.append((crop_left_top[1], _flipped_left(item, crop_left_top[0]) if flip else crop_left_top[0]))
+            if not use_latents:
+                pixels.append(self._pixels(item, subset, crop_left_top, flip, aug_rng))
+        return {
+            "images": None if use_latents else pixels_to_tensor_batch(pixels),
+            "latents": torch.stack([self._latents(item) for item in items]) if use_latents else None,
+            "captions": captions,
+            "loss_weights": torch.tensor([item.loss_weight for item in items], dtype=torch.float32),
+            "original_sizes": torch.tensor([item.original_size_hw for item in items], dtype=torch.long),
+            "crop_top_lefts": torch.tensor(crops, dtype=torch.long),
+            "target_sizes": torch.tensor([item.target_size_hw for item in items], dtype=torch.long),
+            "image_paths": [item.path for item in items],
+            "text_encoder_outputs": self._stacked_text_outputs(items),
+            "item_indices": torch.tensor([item.index for item in items], dtype=torch.long),
+        }
+
+    @staticmethod
+    def _geometry(item: ImageItem, subset: SubsetConfig,
+                  rng: np.random.Generator | None) -> tuple[tuple[int, int], bool]:
+        """(crop left, crop top) in the resized image, and whether to flip. Always draws 3 uniforms."""
+        if rng is None:
+            return item.center_crop_left_top, False
+        u_left, u_top, u_flip = rng.random(3)
+        left = crop_offset(item.resized_wh[0], item.bucket_wh[0], subset.random_crop, u_left)
+        top = crop_offset(item.resized_wh[1], item.bucket_wh[1], subset.random_crop, u_top)
+        return (left, top), bool(subset.flip_aug and u_flip < 0.5)
+
+    @staticmethod
+    def _pixels(item: ImageItem, subset: SubsetConfig, crop_left_top: tuple[int, int], flip: bool,
+                rng: np.random.Generator | None) -> np.ndarray:
+        image = resize_and_crop(load_rgb(item.path), item.resized_wh, item.bucket_wh, crop_left_top)
+        pixels = np.asarray(image)
+        if flip:
+            pixels = pixels[:, ::-1]
+        if subset.color_aug and rng is not None:
+            pixels = color_augment(np.ascontiguousarray(pixels), rng)
+        return np.ascontiguousarray(pixels)
+
+    @staticmethod
+    def _latents(item: ImageItem) -> torch.Tensor:
+        if item.latents is not None:
+            return item.latents
+        tensors = load_if_valid(item.latents_path, _latent_identity_of(item, item.latents_key))
+        if tensors is None:
+            raise UserError(f"latent cache '{item.latents_path}' disappeared or changed during training; "
+                            "run again to recompute it")
+        return tensors["latents"]
+
+    def _stacked_text_outputs(self, items: list[ImageItem]) -> dict[str, torch.Tensor] | None:
+        if not all(item.text_outputs is not None or item.text_outputs_path for item in items):
+            return None
+        outputs = [item.text_outputs if item.text_outputs is not None else _load_text_outputs(item)
+                   for item in items]
+        return {key: torch.stack([o[key] for o in outputs]) for key in outputs[0]}
+
+    # ---- validation --------------------------------------------------------------------------------------------
+    def validation_items(self) -> list[ImageItem]:
+        """Items held out for validation: every image of `is_val = true` subsets and the validation_split share
+        of the other non-reg subsets. They never appear in training batches."""
+        return [item for item in self.items if item.is_val]
+
+    def validation_batches(self) -> list[list[int]]:
+        """Validation items in a fixed order, batched inside buckets with their dataset's batch size."""
+        by_bucket: dict[tuple[int, tuple[int, int]], list[int]] = defaultdict(list)
+        for item in self.validation_items():
+            by_bucket[(item.dataset_index, item.bucket_wh)].append(item.index)
+        batches = []
+        for key in sorted(by_bucket):
+            size = self.datasets[key[0]].batch_size
+            batches.extend(by_bucket[key][i:i + size] for i in range(0, len(by_bucket[key]), size))
+        return batches
+
+    # ---- captions ---------------------------------------------------------------------------------------------
+    def random_caption_flags(self) -> list[tuple[str, str]]:
+        """(flag, image_dir) for every used subset whose captions change between epochs."""
+        used = {item.subset_index for item in self.items if item.num_repeats > 0 or item.is_val}
+        return [(flag, self.subsets[i].image_dir) for i in sorted(used)
+                for flag in random_caption_flags(self.subsets[i])]
+
+    def captions_are_deterministic(self) -> bool:
+        """True when every caption is the same in every epoch (needed by --cache_text_encoder_outputs)."""
+        return not self.random_caption_flags()
+
+    def deterministic_caption(self, item: ImageItem) -> str:
+        return process_caption(item.caption, self.subsets[item.subset_index], self.epoch, None)
+
+    # ---- caches -----------------------------------------------------------------------------------------------
+    def check_latent_cache_allowed(self) -> None:
+        """KS rule: cached latents are computed once, so per-epoch pixel augmentations cannot apply."""
+        for subset in self.subsets:
+            for field_name, flag in AUGMENTATION_FLAGS:
+                if getattr(subset, field_name):
+                    raise UserError(f"--cache_latents and {flag} cannot be used together (subset "
+                                    f"'{subset.image_dir}'): latents are encoded once; drop one of them")
+
+    def check_text_cache_allowed(self) -> None:
+        """Cached text-encoder outputs are computed once, so captions must not change between epochs."""
+        flags = self.random_caption_flags()
+        if flags:
+            flag, image_dir = flags[0]
+            raise UserError(f"--cache_text_encoder_outputs needs captions that are the same every epoch, but {flag} "
+                            f"is set (subset '{image_dir}'); remove {flag} or --cache_text_encoder_outputs")
+
+    def _cached_items(self) -> list[ImageItem]:
+        return [item for item in self.items if item.num_repeats > 0 or item.is_val]
+
+    def cache_latents(self, encode_fn: Callable[[torch.Tensor], torch.Tensor], to_disk: bool, cache_key: str,
+                      batch_size: int = 1, device: torch.device | str = "cpu") -> CacheStats:
+        """Encode every used image once: `encode_fn` maps images [B, 3, H, W] in [-1, 1] on `device` to latents.
+        In memory, or with `to_disk` as `<stem>_<hash>.safetensors` beside the image (loaded lazily per batch),
+        reused only when cache_key (VAE identity), the image file (size, mtime) and the bucket all match."""
+        self.check_latent_cache_allowed()
+        pending: dict[tuple[int, int], list[ImageItem]] = defaultdict(list)
+        reused = 0
+        for item in self._cached_items():
+            if to_disk:
+                path = latent_cache_path(item.path, cache_key, item.bucket_wh)
+                item.latents_path, item.latents, item.latents_key = path, None, cache_key
+                if load_if_valid(path, _latent_identity_of(item, cache_key)) is not None:
+                    reused += 1
+                    continue
+            elif item.latents is not None and item.latents_key == cache_key:
+                reused += 1
+                continue
+            pending[item.bucket_wh].append(item)
+        computed = 0
+        for bucket in sorted(pending):
+            group = pending[bucket]
+            for start in range(0, len(group), batch_size):
+                chunk = group[start:start + batch_size]
+                pixels = [self._pixels(it, self.subsets[it.subset_index], it.center_crop_left_top, False, None)
+                          for it in chunk]
+                with torch.no_grad():
+                    latents = encode_fn(pixels_to_tensor_batch(pixels).to(device))
+                for it, latent in zip(chunk, latents.detach().float().cpu()):
+                    latent = latent.clone()  # own storage, not a view into the batch
+                    if to_disk:
+                        save_atomic(it.latents_path, {"latents": latent}, _latent_identity_of(it, cache_key))
+                    else:
+                        it.latents, it.latents_path, it.latents_key = latent, None, cache_key
+                computed += len(chunk)
+        logger.info("latents: %d computed, %d reused from cache", computed, reused)
+        return CacheStats(computed=computed, reused=reused)
+
+    def cache_text_encoder_outputs(self, encode_fn: Callable[[list[str]], dict[str, torch.Tensor]], to_disk: bool,
+                                   cache_key: str, batch_size: int = 16) -> CacheStats:
+        """Encode every used item's deterministic caption once: `encode_fn(captions)` returns a dict of tensors
+        with a leading batch dimension. In memory (one entry per distinct caption) or with `to_disk` as
+        `<stem>_te_<hash>.safetensors` beside the image, reused when cache_key and the caption text match."""
+        self.check_text_cache_allowed()
+        pending: dict[str, list[ImageItem]] = defaultdict(list)
+        reused = 0
+        for item in self._cached_items():
+            caption = self.deterministic_caption(item)
+            if to_disk:
+                item.text_outputs_path, item.text_outputs = text_cache_path(item.path, cache_key), None
+                item.text_identity = text_identity(cache_key, caption)
+                if load_if_valid(item.text_outputs_path, item.text_identity) is not None:
+                    reused += 1
+                    continue
+            pending[caption].append(item)
+        captions = list(pending)
+        for start in range(0, len(captions), batch_size):
+            chunk = captions[start:start + batch_size]
+            with torch.no_grad():
+                outputs = encode_fn(chunk)
+            for i, caption in enumerate(chunk):
+                one = {key: value[i].detach().cpu().clone() for key, value in outputs.items()}
+                for item in pending[caption]:
+                    if to_disk:
+                        save_atomic(item.text_outputs_path, one, item.text_identity)
+                    else:
+                        item.text_outputs, item.text_outputs_path = one, None
+        computed = sum(len(v) for v in pending.values())
+        logger.info("text-encoder outputs: %d computed (%d distinct captions), %d reused", computed, len(captions),
+                    reused)
+        return CacheStats(computed=computed, reused=reused)
+
+    # ---- summary ----------------------------------------------------------------------------------------------
+    @property
+    def num_train_images(self) -> int:
+        """KS count: non-reg training images x their repeats."""
+        return sum(item.num_repeats for item in self.training_items() if not item.is_reg)
+
+    @property
+    def num_reg_images(self) -> int:
+        """KS count: regularisation images x their folder repeats (before balancing)."""
+        return sum(self.subsets[item.subset_index].num_repeats for item in self.items
+                   if item.is_reg and not item.is_val)
+
+    def bucket_info(self) -> dict[str, Any]:
+        """KS `bucket_info`: {"buckets": {i: {"resolution": [w, h], "count": samples per epoch}},
+        "mean_img_ar_error": mean |bucket ar - image ar|} over all datasets."""
+        counts: dict[tuple[int, int], int] = defaultdict(int)
+        for item in self.training_items():
+            counts[item.bucket_wh] += item.num_repeats
+        errors = [abs(item.ar_error) for item in self.training_items()]
+        return {"buckets": {i: {"resolution": list(reso), "count": counts[reso]}
+                            for i, reso in enumerate(sorted(counts))},
+                "mean_img_ar_error": float(np.mean(errors)) if errors else 0.0}
+
+    def metadata(self) -> dict[str, Any]:
+        """KS `ss_*` dataset summary; dict values are JSON strings as KS writes them."""
+        dirs: dict[str, dict[str, int]] = {}
+        reg_dirs: dict[str, dict[str, int]] = {}
+        captions_by_dir: dict[str, list[str]] = defaultdict(list)
+        for s_index, subset in enumerate(self.subsets):
+            members = [it for it in self.items if it.subset_index == s_index and not it.is_val]
+            if not members:
+                continue
+            name = os.path.basename(os.path.normpath(subset.image_dir))
+            (reg_dirs if subset.is_reg else dirs)[name] = {"n_repeats": subset.num_repeats, "img_count": len(members)}
+            captions_by_dir[name].extend(it.caption for it in members)
+        return {
+            "ss_dataset_dirs": json.dumps(dirs),
+            "ss_reg_dataset_dirs": json.dumps(reg_dirs),
+            "ss_tag_frequency": json.dumps({d: tag_frequency(c) for d, c in captions_by_dir.items()}),
+            "ss_num_train_images": self.num_train_images,
+            "ss_num_reg_images": self.num_reg_images,
+            "ss_bucket_info": json.dumps(self.bucket_info()),
+            "ss_num_batches_per_epoch": self.num_batches_per_epoch,
+        }
+
+
+def _flipped_left(item: ImageItem, left: int) -> int:
+    """Crop left edge measured in the mirrored resized image (what the model sees after a flip)."""
+    return item.resized_wh[0] - (left + item.bucket_wh[0])
+
+
+def _latent_identity_of(item: ImageItem, cache_key: str) -> dict[str, str]:
+    return latent_identity(cache_key, item.path, item.file_size, item.mtime_ns, item.bucket_wh, item.resized_wh,
+                           item.center_crop_left_top)
+
+
+def _load_text_outputs(item: ImageItem) -> dict[str, torch.Tensor]:
+    tensors = load_if_valid(item.text_outputs_path, item.text_identity)
+    if tensors is None:
+        raise UserError(f"text-encoder cache '{item.text_outputs_path}' disappeared or changed during training; "
+                        "run again to recompute it")
+    return tensors
+
+
+# ---- building ---------------------------------------------------------------------------------------------------
+def build_dataset_group(options: DatasetOptions, max_bad_share: float = MAX_BAD_IMAGE_SHARE,
+                        scan_workers: int = 4) -> DatasetGroup:
+    """Resolve the datasets, scan every image up front (size and integrity), read captions, assign buckets, split
+    validation, balance regularisation repeats (KS), and check flag combinations. Every problem with the data
+    surfaces here, before any model is loaded."""
+    datasets = resolve_datasets(options)
+    subsets = [s for d in datasets for s in d.subsets]
+    subset_dataset = [d_i for d_i, d in enumerate(datasets) for _ in d.subsets]
+    group = DatasetGroup(datasets=datasets, subsets=subsets, subset_dataset=subset_dataset, items=[],
+                         seed=options.data_seed)
+    if options.cache_latents or options.cache_latents_to_disk:
+        group.check_latent_cache_allowed()
+
+    paths_by_subset = []
+    for subset in subsets:
+        paths = list_images(subset.image_dir)
+        if not paths:
+            raise UserError(f"image folder '{subset.image_dir}' contains no images (.png, .jpg, .jpeg, .webp, "
+                            ".bmp); add images or remove the folder")
+        paths_by_subset.append(paths)
+    all_paths = [p for paths in paths_by_subset for p in paths]
+    probes, bad = probe_images(all_paths, max_workers=scan_workers)
+    _report_bad_files(bad, len(all_paths), max_bad_share)
+    probe_of = {p.path: p for p in probes}
+    group.skipped_files = bad
+
+    selectors = [BucketSelector(d.resolution, enable_bucket=d.enable_bucket, no_upscale=d.bucket_no_upscale,
+                                min_size=d.min_bucket_reso, max_size=d.max_bucket_reso,
+                                reso_steps=d.bucket_reso_steps) for d in datasets]
+    for s_index, (subset, paths) in enumerate(zip(subsets, paths_by_subset)):
+        d_index = subset_dataset[s_index]
+        good = [p for p in paths if p in probe_of]
+        held_out = _validation_paths(good, subset, datasets[d_index], options.data_seed, s_index)
+        for path in good:
+            probe = probe_of[path]
+            choice = selectors[d_index].select(probe.width, probe.height)
+            group.items.append(ImageItem(
+                index=len(group.items), path=path, dataset_index=d_index, subset_index=s_index,
+                caption=raw_caption(path, subset), original_size_hw=(probe.height, probe.width),
+                bucket_wh=choice.bucket_wh, resized_wh=choice.resized_wh, ar_error=choice.ar_error,
+                num_repeats=subset.num_repeats, loss_weight=subset.loss_weight, is_reg=subset.is_reg,
+                is_val=subset.is_val or path in held_out, file_size=probe.file_size, mtime_ns=probe.mtime_ns))
+    for d_index in range(len(datasets)):
+        _balance_regularisation(group, d_index)
+    if options.cache_text_encoder_outputs or options.cache_text_encoder_outputs_to_disk:
+        group.check_text_cache_allowed()
+    if not group.training_items():
+        raise UserError("the dataset has no training images left (all are held out for validation, regularisation "
+                        "images without training images, or skipped as bad files); check the image folders")
+    group.make_batches(group.epoch)
+    _log_summary(group)
+    return group
+
+
+def _report_bad_files(bad: list[tuple[str, str]], total: int, max_bad_share: float) -> None:
+    for path, reason in bad:
+        logger.warning("skipping image '%s': it %s", path, reason)
+    if bad and len(bad) > max_bad_share * total:
+        listing = "; ".join(f"'{p}' {r}" for p, r in bad[:10]) + ("; ..." if len(bad) > 10 else "")
+        raise UserError(f"{len(bad)} of {total} image files cannot be used (more than the "
+                        f"{max_bad_share:.0%} that are skipped with a warning): {listing}. Fix or remove them")
+    if bad and len(bad) == total:
+        raise UserError(f"no usable image: all {total} files are bad; first: '{bad[0][0]}' {bad[0][1]}")
+
+
+def _validation_paths(paths: list[str], subset: SubsetConfig, dataset: DatasetConfig, seed: int,
+                      subset_index: int) -> set[str]:
+    """KS `split_train_val`: shuffle the subset's images with validation_seed (else the seed) and hold out the
+    last round(n * validation_split). Reg and is_val subsets are not split."""
+    if subset.is_reg or subset.is_val or dataset.validation_split <= 0:
+        return set()
+    n_train = math.ceil(len(paths) * (1 - dataset.validation_split))
+    val_seed = dataset.validation_seed if dataset.validation_seed is not None else seed
+    order = data_rng(val_seed, "validation-split", subset_index).permutation(len(paths))
+    return {paths[i] for i in order[n_train:]}
+
+
+def _balance_regularisation(group: DatasetGroup, d_index: int) -> None:
+    """KS DreamBoothDataset: regularisation images are used as often as training images in total. Reg images are
+    taken in order with their folder repeats until the count reaches the number of training samples (the rest
+    are unused); if all are taken and the count is still lower, each gets one more repeat in turn."""
+    train_count = sum(it.num_repeats for it in group.items
+                      if it.dataset_index == d_index and not it.is_reg and not it.is_val)
+    reg = [it for it in group.items if it.dataset_index == d_index and it.is_reg and not it.is_val]
+    if not reg:
+        return
+    counted = 0
+    for it in reg:
+        if counted >= train_count:
+            it.num_repeats = 0
+        else:
+            counted += it.num_repeats
+    while counted < train_count:
+        for it in reg:
+            it.num_repeats += 1
+            counted += 1
+            if counted >= train_count:
+                break
+    unused = sum(1 for it in reg if it.num_repeats == 0)
+    if unused:
+        logger.info("dataset %d: %d regularisation images are not needed to match %d training samples (KS)",
+                    d_index + 1, unused, train_count)
+
+
+def _log_summary(group: DatasetGroup) -> None:
+    info = group.bucket_info()
+    logger.info("dataset: %d training samples, %d regularisation, %d validation images, %d batches per epoch, "
+                "%d buckets", group.num_train_images, group.num_reg_images, len(group.validation_items()),
+                group.num_batches_per_epoch, len(info["buckets"]))

@@ -1,0 +1,509 @@
+"""The loss and timestep flags: one argparse group (KS names and defaults), one validated dataclass.
+
+Spec: ../shared/spec/losses-and-timesteps.md. ``LossConfig.from_args`` validates every flag before any model
+loads: ranges, options that do not apply to the family or prediction type, conflicting samplers, and options
+that would be silently ignored (given with a non-default value while nothing uses them). Values equal to the
+default are accepted even where unused, so KS config files, which list every default, still load.
+Every mistake raises ``UserError("--flag: what is wrong; how to fix it")``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from library.errors import UserError, closest
+from library.losses import COMBINED_TERMS, COSINE_DIMS, DEFAULT_COMBINED_WEIGHTS, HUBER_SCHEDULES, LOSS_TYPES, THRESHOLD_LOSS_TYPES
+from library.schedules import NUM_TRAIN_TIMESTEPS
+from library.timesteps import MODE_SCALE_RANGE, SAMPLER_NAMES, SamplerParams
+from library.weighting import WeightOptions
+
+FAMILY_KINDS = {"sd1": "ddpm", "sd2": "ddpm", "sdxl": "ddpm", "sd3": "flow"}
+PREDICTION_TYPES = {"ddpm": ("epsilon", "v_prediction"), "flow": ("flow", "flow_x0")}
+TIMESTEP_SAMPLINGS = SAMPLER_NAMES + ("loss_map",)
+# KS SD3 --weighting_scheme: two select a sampler, two a loss weight, two nothing.
+WEIGHTING_SCHEMES = ("uniform", "none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
+SCHEME_SAMPLERS = ("logit_normal", "mode")
+SCHEME_WEIGHTS = ("sigma_sqrt", "cosmap")
+LOSS_MAP_RECORDS = ("raw", "weighted")
+CLUSTER_LR_SCHEDULES = ("global", "per_cluster")
+EXPERIMENTAL_LOSS_TYPES = ("ew", "clustered_mse")
+
+
+def parse_loss_weights(text: str | dict | None) -> dict[str, float]:
+    """``--loss_weights mse=0.4,l1=0.4,cosine=0.2`` -> {"mse": 0.4, "l1": 0.4, "cosine": 0.2}. Missing terms
+    are 0 when any term is given; None gives the defaults."""
+    if text is None:
+        return dict(DEFAULT_COMBINED_WEIGHTS)
+    if isinstance(text, dict):
+        items = list(text.items())
+    else:
+        items = []
+        for part in str(text).replace(" ", "").split(","):
+            if not part:
+                continue
+            if "=" not in part:
+                raise UserError(f"--loss_weights: '{part}' is not term=weight; write e.g. mse=0.4,l1=0.4,cosine=0.2")
+            key, value = part.split("=", 1)
+            items.append((key, value))
+    weights = {term: 0.0 for term in COMBINED_TERMS}
+    for key, value in items:
+        if key not in COMBINED_TERMS:
+            hint = closest(key, COMBINED_TERMS)
+            raise UserError(f"--loss_weights: unknown term '{key}'"
+                            + (f"; did you mean '{hint}'?" if hint else f"; terms are {', '.join(COMBINED_TERMS)}"))
+        try:
+            weights[key] = float(value)
+        except ValueError:
+            raise UserError(f"--loss_weights: weight of '{key}' must be a number, got '{value}'") from None
+        if not math.isfinite(weights[key]) or weights[key] < 0:
+            raise UserError(f"--loss_weights: weight of '{key}' must be a finite number >= 0, got {value}")
+    if sum(weights.values()) <= 0:
+        raise UserError("--loss_weights: all weights are 0; give at least one positive term, e.g. mse=1")
+    return weights
+
+
+def format_loss_weights(weights: dict[str, float]) -> str:
+    return ",".join(f"{k}={weights[k]:g}" for k in COMBINED_TERMS)
+
+
+@dataclass
+class LossConfig:
+    """Every loss / timestep flag, resolved. Build it with ``from_args`` (validated); direct construction is
+    for tests and tools and is not validated."""
+
+    family: str = "sd1"
+    prediction_type: str = "epsilon"
+    # loss (§1, §2)
+    loss_type: str = "l2"
+    huber_schedule: str = "snr"
+    huber_c: float = 0.1
+    huber_scale: float = 1.0
+    loss_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_COMBINED_WEIGHTS))
+    cosine_dim: str = "spatial"
+    ew_boundary_shift: float = 0.0
+    # weights (§4)
+    min_snr_gamma: float | None = None
+    debiased_estimation_loss: bool = False
+    scale_v_pred_loss_like_noise_pred: bool = False
+    v_pred_like_loss: float | None = None
+    weighting_scheme: str = "uniform"
+    loss_curve_offset: float | None = None
+    loss_curve_offset_schedule: float = 0.0
+    loss_map_offset: bool = False
+    # timesteps (§0, §3); timestep_sampling is the sampler in effect (after --weighting_scheme)
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    sigmoid_scale: float = 1.0
+    discrete_flow_shift: float = 3.0
+    beta_alpha: float | None = None
+    beta_beta: float | None = None
+    logit_mean_end: float = 0.65
+    dynamic_fraction: float = 0.8
+    min_timestep: int = 0
+    max_timestep: int = NUM_TRAIN_TIMESTEPS
+    timestep_shift: float = 1.0
+    stratified_timesteps: bool = False
+    zero_terminal_snr: bool = False
+    # loss map (§5) and clusters (§6)
+    loss_map_mix: float = 0.1
+    loss_map_unbiased: bool = False
+    loss_map_update_rate: float = 0.5
+    loss_map_record: str = "raw"
+    timestep_clusters: int = 0
+    cluster_lr_schedule: str = "global"
+    # noise extras (KS)
+    noise_offset: float | None = None
+    noise_offset_random_strength: bool = False
+    adaptive_noise_scale: float | None = None
+    multires_noise_iterations: int | None = None
+    multires_noise_discount: float = 0.3
+    ip_noise_gamma: float | None = None
+    ip_noise_gamma_random_strength: bool = False
+
+    # ------------------------------------------------------------------------------------------ derived
+    @property
+    def family_kind(self) -> str:
+        return FAMILY_KINDS[self.family]
+
+    @property
+    def loss_map_base_sampling(self) -> str:
+        """The sampler the loss map mixes with (``--loss_map_mix``): the one --weighting_scheme selects, else
+        uniform."""
+        return self.weighting_scheme if self.weighting_scheme in SCHEME_SAMPLERS else "uniform"
+
+    @property
+    def needs_loss_map(self) -> bool:
+        return self.timestep_sampling == "loss_map" or self.loss_map_offset or self.loss_type == "ew"
+
+    def sampler_params(self) -> SamplerParams:
+        return SamplerParams(logit_mean=self.logit_mean, logit_std=self.logit_std, mode_scale=self.mode_scale,
+                             sigmoid_scale=self.sigmoid_scale, discrete_flow_shift=self.discrete_flow_shift,
+                             beta_alpha=self.beta_alpha, beta_beta=self.beta_beta, logit_mean_end=self.logit_mean_end,
+                             dynamic_fraction=self.dynamic_fraction)
+
+    def weight_options(self) -> WeightOptions:
+        return WeightOptions(
+            prediction_type=self.prediction_type, weighting_scheme=self.weighting_scheme,
+            min_snr_gamma=self.min_snr_gamma, scale_v_pred_loss_like_noise_pred=self.scale_v_pred_loss_like_noise_pred,
+            v_pred_like_loss=self.v_pred_like_loss, debiased_estimation_loss=self.debiased_estimation_loss,
+            loss_curve_offset=self.loss_curve_offset, loss_curve_offset_schedule=self.loss_curve_offset_schedule,
+            loss_map_offset=self.loss_map_offset)
+
+    # ------------------------------------------------------------------------------------------ build
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, family: str, prediction_type: str) -> "LossConfig":
+        """Read and validate the flags of ``add_arguments`` (plus --zero_terminal_snr, --precondition_outputs and
+        --v_parameterization from the model group, if present) for a family ("sd1" | "sd2" | "sdxl" are DDPM,
+        "sd3" is flow) and its prediction type ("epsilon" | "v_prediction" | "flow" | "flow_x0")."""
+        if family not in FAMILY_KINDS:
+            raise ValueError(f"unknown family '{family}'; known: {', '.join(FAMILY_KINDS)}")
+        kind = FAMILY_KINDS[family]
+        if getattr(args, "precondition_outputs", False):
+            if kind != "flow":
+                raise UserError(f"--precondition_outputs: applies to SD3 (flow matching) only, not {family}; remove it")
+            prediction_type = "flow_x0"
+        if prediction_type not in PREDICTION_TYPES[kind]:
+            raise ValueError(f"prediction type '{prediction_type}' is not one of {family}'s {PREDICTION_TYPES[kind]}")
+        given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        given.pop("family", None)
+        given.pop("prediction_type", None)
+        _check_model_flags(args, kind, family)
+        _check_unused(given, kind)
+        values = {k: v for k, v in given.items() if v is not None}
+        values["loss_weights"] = parse_loss_weights(given.get("loss_weights"))
+        cfg = cls(family=family, prediction_type=prediction_type, **values)
+        cfg.timestep_sampling = _resolve_sampling(cfg.timestep_sampling, cfg.weighting_scheme, kind)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Ranges and family / prediction-type rules on resolved values (raises UserError)."""
+        kind, pred = self.family_kind, self.prediction_type
+        _choice("loss_type", self.loss_type, LOSS_TYPES)
+        _choice("huber_schedule", self.huber_schedule, HUBER_SCHEDULES)
+        _choice("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
+        _choice("weighting_scheme", self.weighting_scheme, WEIGHTING_SCHEMES)
+        _choice("cosine_dim", self.cosine_dim, COSINE_DIMS)
+        _choice("loss_map_record", self.loss_map_record, LOSS_MAP_RECORDS)
+        _choice("cluster_lr_schedule", self.cluster_lr_schedule, CLUSTER_LR_SCHEDULES)
+        _positive("huber_c", self.huber_c)
+        _positive("huber_scale", self.huber_scale)
+        _positive("logit_std", self.logit_std)
+        _positive("sigmoid_scale", self.sigmoid_scale)
+        _positive("discrete_flow_shift", self.discrete_flow_shift)
+        _positive("timestep_shift", self.timestep_shift)
+        if self.min_snr_gamma is not None:
+            _positive("min_snr_gamma", self.min_snr_gamma)
+        if self.v_pred_like_loss is not None and self.v_pred_like_loss < 0:
+            raise UserError(f"--v_pred_like_loss: {self.v_pred_like_loss} is negative; give a weight >= 0 (KS uses 0.1-0.5)")
+        low, high = MODE_SCALE_RANGE
+        if not low <= self.mode_scale <= high:
+            raise UserError(f"--mode_scale: {self.mode_scale} is outside [{low}, {high:.4f}], where the mode sampler "
+                            f"is a valid (monotone) inverse CDF; the SD3 default is 1.29")
+        if not 0 < self.dynamic_fraction <= 1:
+            raise UserError(f"--dynamic_fraction: {self.dynamic_fraction} is outside (0, 1]; 0.8 is the default")
+        if self.timestep_sampling == "beta":
+            if self.beta_alpha is None or self.beta_beta is None:
+                raise UserError("--timestep_sampling beta: give both --beta_alpha and --beta_beta (e.g. 2 and 2)")
+            _positive("beta_alpha", self.beta_alpha)
+            _positive("beta_beta", self.beta_beta)
+        if not 0 <= self.min_timestep < NUM_TRAIN_TIMESTEPS:
+            raise UserError(f"--min_timestep: {self.min_timestep} is outside [0, {NUM_TRAIN_TIMESTEPS - 1}]")
+        if not 0 < self.max_timestep <= NUM_TRAIN_TIMESTEPS:
+            raise UserError(f"--max_timestep: {self.max_timestep} is outside [1, {NUM_TRAIN_TIMESTEPS}]")
+        if self.min_timestep >= self.max_timestep:
+            raise UserError(f"--min_timestep {self.min_timestep} must be below --max_timestep {self.max_timestep}; "
+                            "lower --min_timestep or raise --max_timestep")
+        if not 0 <= self.loss_map_mix <= 1:
+            raise UserError(f"--loss_map_mix: {self.loss_map_mix} is outside [0, 1]; 0.1 is the default")
+        if self.loss_map_unbiased and self.loss_map_mix <= 0:
+            raise UserError("--loss_map_unbiased: needs --loss_map_mix > 0, or bins the map never visits get "
+                            "infinite importance weights; use the default 0.1")
+        if not 0 < self.loss_map_update_rate <= 1:
+            raise UserError(f"--loss_map_update_rate: {self.loss_map_update_rate} is outside (0, 1]; 0.5 is the default")
+        if self.timestep_clusters < 0:
+            raise UserError(f"--timestep_clusters: {self.timestep_clusters} is negative; 0 turns it off, 10 is typical")
+        if self.timestep_clusters > NUM_TRAIN_TIMESTEPS:
+            raise UserError(f"--timestep_clusters: {self.timestep_clusters} is more than the {NUM_TRAIN_TIMESTEPS} timesteps")
+        for name in ("loss_curve_offset", "loss_curve_offset_schedule"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise UserError(f"--{name}: {value} is not a finite number")
+        start = self.loss_curve_offset or 0.0
+        end = start + self.loss_curve_offset_schedule
+        if max(abs(start), abs(end)) > 1:
+            raise UserError(f"--loss_curve_offset / --loss_curve_offset_schedule: the offset c runs from {start:g} to "
+                            f"{end:g}; |c| > 1 makes some weights negative; keep |c| <= 1")
+        if self.noise_offset is not None and self.noise_offset < 0:
+            raise UserError(f"--noise_offset: {self.noise_offset} is negative; 0.0357-0.1 are typical")
+        if self.multires_noise_iterations is not None and self.multires_noise_iterations < 1:
+            raise UserError(f"--multires_noise_iterations: {self.multires_noise_iterations} is below 1; 6-10 are typical")
+        if not 0 < self.multires_noise_discount <= 1:
+            raise UserError(f"--multires_noise_discount: {self.multires_noise_discount} is outside (0, 1]; 0.3 is the default")
+        if self.ip_noise_gamma is not None and self.ip_noise_gamma < 0:
+            raise UserError(f"--ip_noise_gamma: {self.ip_noise_gamma} is negative; 0.1 is typical")
+        if self.noise_offset is not None and self.multires_noise_iterations is not None:
+            raise UserError("--noise_offset and --multires_noise_iterations: cannot be used together (KS rule); keep one")
+        # family and prediction type
+        if kind == "ddpm":
+            if self.weighting_scheme not in ("uniform", "none"):
+                raise UserError(f"--weighting_scheme {self.weighting_scheme}: is an SD3 (flow) option, not for {self.family}; "
+                                + ("use --timestep_sampling " + self.weighting_scheme if self.weighting_scheme in SCHEME_SAMPLERS
+                                   else "remove it (for DDPM, --min_snr_gamma or --debiased_estimation_loss weight timesteps)"))
+            if self.timestep_shift != 1.0:
+                raise UserError(f"--timestep_shift: shifts flow σ (SD3) and does not apply to {self.family}; "
+                                "use --timestep_sampling shift --discrete_flow_shift S to shift DDPM timesteps")
+        else:
+            if self.zero_terminal_snr:
+                raise UserError("--zero_terminal_snr: rescales DDPM schedules; flow matching (SD3) already reaches "
+                                "pure noise at σ = 1; remove it")
+        if self.scale_v_pred_loss_like_noise_pred and pred != "v_prediction":
+            raise UserError("--scale_v_pred_loss_like_noise_pred: applies to v-prediction only (KS rule); "
+                            + ("add --v_parameterization or remove it" if kind == "ddpm" else "remove it"))
+        if self.v_pred_like_loss and pred != "epsilon":
+            raise UserError("--v_pred_like_loss: applies to ε-prediction only (KS rule); "
+                            + ("remove it or --v_parameterization" if kind == "ddpm" else "remove it"))
+        if self.timestep_sampling in ("shift", "flux_shift") and self.timestep_shift != 1.0:
+            raise UserError(f"--timestep_shift with --timestep_sampling {self.timestep_sampling}: both shift the noise "
+                            "level, so it would be shifted twice; keep one")
+
+    # ------------------------------------------------------------------------------------------ metadata
+    def metadata(self) -> dict[str, str]:
+        """KS-style ``ss_*`` metadata of every loss and timestep option that is in effect (values as str)."""
+        md: dict[str, Any] = {
+            "ss_loss_type": self.loss_type,
+            "ss_huber_schedule": self.huber_schedule,
+            "ss_huber_c": self.huber_c,
+            "ss_huber_scale": self.huber_scale,
+            "ss_min_snr_gamma": self.min_snr_gamma,
+            "ss_debiased_estimation": self.debiased_estimation_loss,
+            "ss_scale_v_pred_loss_like_noise_pred": self.scale_v_pred_loss_like_noise_pred,
+            "ss_v_pred_like_loss": self.v_pred_like_loss,
+            "ss_prediction_type": self.prediction_type,
+            "ss_timestep_sampling": self.timestep_sampling,
+            "ss_weighting_scheme": self.weighting_scheme,
+            "ss_min_timestep": self.min_timestep,
+            "ss_max_timestep": self.max_timestep,
+            "ss_stratified_timesteps": self.stratified_timesteps,
+            "ss_noise_offset": self.noise_offset,
+            "ss_noise_offset_random_strength": self.noise_offset_random_strength,
+            "ss_adaptive_noise_scale": self.adaptive_noise_scale,
+            "ss_multires_noise_iterations": self.multires_noise_iterations,
+            "ss_multires_noise_discount": self.multires_noise_discount,
+            "ss_ip_noise_gamma": self.ip_noise_gamma,
+            "ss_ip_noise_gamma_random_strength": self.ip_noise_gamma_random_strength,
+            "ss_loss_curve_offset": self.loss_curve_offset,
+            "ss_loss_curve_offset_schedule": self.loss_curve_offset_schedule,
+            "ss_loss_map_offset": self.loss_map_offset,
+            "ss_timestep_clusters": self.timestep_clusters,
+        }
+        if self.family_kind == "flow":
+            md["ss_timestep_shift"] = self.timestep_shift
+        for name in _SAMPLER_PARAMETERS.get(self.timestep_sampling, ()):
+            md[f"ss_{name}"] = getattr(self, name)
+        if self.weighting_scheme == "mode" or self.timestep_sampling == "mode":
+            md["ss_mode_scale"] = self.mode_scale
+        if self.timestep_sampling == "loss_map":
+            md.update({"ss_loss_map_mix": self.loss_map_mix, "ss_loss_map_unbiased": self.loss_map_unbiased,
+                       "ss_loss_map_base_sampling": self.loss_map_base_sampling})
+            md.update({f"ss_{n}": getattr(self, n) for n in _SAMPLER_PARAMETERS.get(self.loss_map_base_sampling, ())})
+        if self.needs_loss_map:
+            md.update({"ss_loss_map_update_rate": self.loss_map_update_rate, "ss_loss_map_record": self.loss_map_record})
+        if self.loss_type == "combined":
+            md.update({"ss_loss_weights": format_loss_weights(self.loss_weights), "ss_cosine_dim": self.cosine_dim})
+        if self.loss_type == "ew":
+            md["ss_ew_boundary_shift"] = self.ew_boundary_shift
+        if self.timestep_clusters:
+            md["ss_cluster_lr_schedule"] = self.cluster_lr_schedule
+        return {k: str(v) for k, v in md.items()}  # KS writes str(None) = "None" for unset options
+
+
+# Which flags each sampler reads (the rest are unused by it).
+_SAMPLER_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "logit_normal": ("logit_mean", "logit_std"),
+    "sigmoid": ("sigmoid_scale",),
+    "mode": ("mode_scale",),
+    "beta": ("beta_alpha", "beta_beta"),
+    "shift": ("sigmoid_scale", "discrete_flow_shift"),
+    "flux_shift": ("sigmoid_scale",),
+    "logit_normal_dynamic": ("logit_mean", "logit_std", "logit_mean_end", "dynamic_fraction"),
+}
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        hint = closest(str(value), choices)
+        raise UserError(f"--{name}: unknown value '{value}'; " + (f"did you mean '{hint}'?" if hint else
+                                                                 f"choose one of {', '.join(choices)}"))
+
+
+def _positive(name: str, value: float) -> None:
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise UserError(f"--{name}: must be a finite number > 0, got {value}")
+
+
+def _resolve_sampling(sampling: str, scheme: str, kind: str) -> str:
+    """KS SD3 compatibility: --weighting_scheme logit_normal | mode selects that sampler; a different explicit
+    --timestep_sampling is a conflict (loss_map may use the scheme as its base sampler)."""
+    if scheme not in SCHEME_SAMPLERS:
+        return sampling
+    if sampling in ("uniform", scheme):
+        return scheme
+    if sampling == "loss_map":
+        return sampling
+    raise UserError(f"--weighting_scheme {scheme} selects the {scheme} timestep sampler, which conflicts with "
+                    f"--timestep_sampling {sampling}; keep one of them")
+
+
+def _check_model_flags(args: argparse.Namespace, kind: str, family: str) -> None:
+    if kind == "flow" and getattr(args, "v_parameterization", False):
+        raise UserError("--v_parameterization: SD3 is trained with flow matching (velocity target); remove it")
+
+
+def _differs(given: dict, name: str) -> bool:
+    """Whether a flag holds something other than its default (None counts as the default)."""
+    value = given.get(name)
+    if value is None:
+        return False
+    if name == "loss_weights":
+        return parse_loss_weights(value) != DEFAULT_COMBINED_WEIGHTS
+    return value != _DEFAULTS[name]
+
+
+def _check_unused(given: dict, kind: str) -> None:
+    """Reject flags given with a non-default value that nothing would read (silent ignores are bugs, §0)."""
+    def reject(name: str, why: str) -> None:
+        if _differs(given, name):
+            raise UserError(f"--{name}: has no effect {why}; remove it")
+
+    sampling = given.get("timestep_sampling") or "uniform"
+    scheme = given.get("weighting_scheme") or "uniform"
+    effective = scheme if scheme in SCHEME_SAMPLERS and sampling == "uniform" else sampling
+    base = scheme if scheme in SCHEME_SAMPLERS else "uniform"
+    used = set(_SAMPLER_PARAMETERS.get(effective, ()))
+    if effective == "loss_map":
+        used |= set(_SAMPLER_PARAMETERS.get(base, ()))
+    for name in sorted({n for params in _SAMPLER_PARAMETERS.values() for n in params} - used):
+        reject(name, f"with --timestep_sampling {effective}"
+                     + (f" (it is read by --timestep_sampling {_reader(name)})" if _reader(name) else ""))
+    loss_type = given.get("loss_type") or "l2"
+    if loss_type not in THRESHOLD_LOSS_TYPES:
+        for name in ("huber_c", "huber_scale", "huber_schedule"):
+            reject(name, f"with --loss_type {loss_type} (only huber and smooth_l1 use it)")
+    if loss_type != "combined":
+        for name in ("loss_weights", "cosine_dim"):
+            reject(name, f"with --loss_type {loss_type} (only combined uses it)")
+    if loss_type != "ew":
+        reject("ew_boundary_shift", f"with --loss_type {loss_type} (only ew uses it)")
+    if effective != "loss_map":
+        for name in ("loss_map_mix", "loss_map_unbiased"):
+            reject(name, "without --timestep_sampling loss_map")
+    if effective != "loss_map" and not given.get("loss_map_offset") and loss_type != "ew":
+        for name in ("loss_map_update_rate", "loss_map_record"):
+            reject(name, "without a loss map (--timestep_sampling loss_map, --loss_map_offset or --loss_type ew)")
+    if not given.get("timestep_clusters"):
+        reject("cluster_lr_schedule", "without --timestep_clusters K")
+    if given.get("noise_offset") is None:
+        reject("noise_offset_random_strength", "without --noise_offset")
+        if given.get("adaptive_noise_scale") is not None:
+            raise UserError("--adaptive_noise_scale: needs --noise_offset (KS rule); add --noise_offset or remove it")
+    if given.get("multires_noise_iterations") is None:
+        reject("multires_noise_discount", "without --multires_noise_iterations")
+    if not given.get("ip_noise_gamma"):
+        reject("ip_noise_gamma_random_strength", "without --ip_noise_gamma")
+
+
+def _reader(name: str) -> str:
+    return " or ".join(s for s, params in _SAMPLER_PARAMETERS.items() if name in params)
+
+
+_DEFAULTS = {f.name: (f.default_factory() if callable(f.default_factory) else f.default) for f in fields(LossConfig)}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# argparse
+# ------------------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The loss / timestep flag group (KS names and defaults). Not here: --v_parameterization,
+    --zero_terminal_snr, --v2, --seed, --precondition_outputs (model / training groups)."""
+    d = _DEFAULTS
+    g = parser.add_argument_group("loss and timesteps", "see docs/losses-and-timesteps.md")
+    g.add_argument("--loss_type", type=str, default=d["loss_type"], choices=LOSS_TYPES,
+                   help="elementwise loss: l2, l1, huber, smooth_l1, combined; ew and clustered_mse are "
+                        "(experimental) (default l2)")
+    g.add_argument("--huber_schedule", type=str, default=d["huber_schedule"], choices=HUBER_SCHEDULES,
+                   help="Huber threshold over timesteps (default snr)")
+    g.add_argument("--huber_c", type=float, default=d["huber_c"], help="Huber threshold c0 > 0 (default 0.1)")
+    g.add_argument("--huber_scale", type=float, default=d["huber_scale"],
+                   help="multiplies the Huber threshold of every schedule (default 1.0)")
+    g.add_argument("--loss_weights", type=str, default=None,
+                   help="combined loss terms (default mse=0.4,l1=0.4,cosine=0.2)")
+    g.add_argument("--cosine_dim", type=str, default=d["cosine_dim"], choices=COSINE_DIMS,
+                   help="combined loss cosine: per (sample, channel) over H·W (spatial, default), per position over "
+                        "channels (channel), or per sample (flat)")
+    g.add_argument("--ew_boundary_shift", type=float, default=d["ew_boundary_shift"],
+                   help="(experimental) ew loss: shift of the boundary mean(|d|) (default 0)")
+    g.add_argument("--min_snr_gamma", "--snr_gamma", dest="min_snr_gamma", type=float, default=None,
+                   help="Min-SNR weighting γ (5 is typical; --snr_gamma is an alias)")
+    g.add_argument("--debiased_estimation_loss", action="store_true", help="debiased estimation weighting")
+    g.add_argument("--scale_v_pred_loss_like_noise_pred", action="store_true",
+                   help="v-prediction only: scale the loss like ε-prediction (SNR/(SNR+1))")
+    g.add_argument("--v_pred_like_loss", type=float, default=None,
+                   help="ε-prediction only: add λ × the loss on the v scale")
+    g.add_argument("--weighting_scheme", type=str, default=d["weighting_scheme"], choices=WEIGHTING_SCHEMES,
+                   help="SD3 (KS): logit_normal / mode select that timestep sampler; sigma_sqrt / cosmap a loss "
+                        "weight; uniform / none nothing (default uniform)")
+    g.add_argument("--loss_curve_offset", type=float, default=None,
+                   help="c: weight 1 - 2c(sigmoid(12t/T - 6) - 0.5); c > 0 raises low-noise loss")
+    g.add_argument("--loss_curve_offset_schedule", type=float, default=d["loss_curve_offset_schedule"],
+                   help="S: c grows by S over training (c = scale + S·step/total) (default 0)")
+    g.add_argument("--loss_map_offset", action="store_true",
+                   help="weight each sample by its bin's loss-map value / mean, fading out over training")
+    g.add_argument("--timestep_sampling", type=str, default=d["timestep_sampling"], choices=TIMESTEP_SAMPLINGS,
+                   help="timestep sampler (default uniform)")
+    g.add_argument("--logit_mean", type=float, default=d["logit_mean"], help="logit_normal mean m (default 0)")
+    g.add_argument("--logit_std", type=float, default=d["logit_std"], help="logit_normal std s (default 1)")
+    g.add_argument("--mode_scale", type=float, default=d["mode_scale"], help="mode sampler scale (default 1.29)")
+    g.add_argument("--sigmoid_scale", type=float, default=d["sigmoid_scale"],
+                   help="sigmoid / shift / flux_shift: scale of the normal before the sigmoid (default 1)")
+    g.add_argument("--discrete_flow_shift", type=float, default=d["discrete_flow_shift"],
+                   help="shift sampler: shift s (default 3.0)")
+    g.add_argument("--beta_alpha", type=float, default=None, help="beta sampler α")
+    g.add_argument("--beta_beta", type=float, default=None, help="beta sampler β")
+    g.add_argument("--logit_mean_end", type=float, default=d["logit_mean_end"],
+                   help="logit_normal_dynamic: final mean (default 0.65)")
+    g.add_argument("--dynamic_fraction", type=float, default=d["dynamic_fraction"],
+                   help="logit_normal_dynamic: fraction of training over which the mean moves (default 0.8)")
+    g.add_argument("--min_timestep", type=int, default=None, help="lowest timestep t_min (default 0)")
+    g.add_argument("--max_timestep", type=int, default=None, help="timesteps stay below t_max (default 1000)")
+    g.add_argument("--timestep_shift", "--training_shift", dest="timestep_shift", type=float, default=None,
+                   help="SD3: shift σ by S(x) = s·x/(1 + (s−1)·x) (default 1 = none; 3.0 is usual at 1024²)")
+    g.add_argument("--stratified_timesteps", action="store_true",
+                   help="draw the global batch's timesteps from equal strata of [0, 1)")
+    g.add_argument("--loss_map_mix", type=float, default=d["loss_map_mix"],
+                   help="loss_map sampling: share λ of the base sampler (default 0.1)")
+    g.add_argument("--loss_map_unbiased", action="store_true",
+                   help="loss_map sampling: importance weights P_base/P keep the objective unbiased")
+    g.add_argument("--loss_map_update_rate", type=float, default=d["loss_map_update_rate"],
+                   help="loss map update rate r (default 0.5)")
+    g.add_argument("--loss_map_record", type=str, default=d["loss_map_record"], choices=LOSS_MAP_RECORDS,
+                   help="record the loss before (raw, default) or after (weighted) timestep weights")
+    g.add_argument("--timestep_clusters", type=int, default=d["timestep_clusters"],
+                   help="K timestep clusters with one optimizer state each (0 = off; 10 recommended)")
+    g.add_argument("--cluster_lr_schedule", type=str, default=d["cluster_lr_schedule"], choices=CLUSTER_LR_SCHEDULES,
+                   help="one LR schedule over global steps (global, default) or one per cluster")
+    g.add_argument("--noise_offset", type=float, default=None, help="offset noise strength (0.0357 is typical)")
+    g.add_argument("--noise_offset_random_strength", action="store_true",
+                   help="scale the noise offset by U(0, 1) per sample")
+    g.add_argument("--adaptive_noise_scale", type=float, default=None,
+                   help="add this × |mean latent| to the noise offset (needs --noise_offset)")
+    g.add_argument("--multires_noise_iterations", type=int, default=None, help="pyramid noise levels (6-10)")
+    g.add_argument("--multires_noise_discount", type=float, default=d["multires_noise_discount"],
+                   help="pyramid noise discount per level (default 0.3)")
+    g.add_argument("--ip_noise_gamma", type=float, default=None, help="input perturbation noise γ (0.1 is typical)")
+    g.add_argument("--ip_noise_gamma_random_strength", action="store_true",
+                   help="scale the input perturbation γ by U(0, 1) per sample")

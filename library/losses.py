@@ -1,0 +1,230 @@
+"""Elementwise losses, Huber thresholds and the per-sample reduction.
+
+Spec §1, §2, §5.4, §6 (../shared/spec/losses-and-timesteps.md). Everything is fp32 (callers pass fp32 tensors),
+vectorised over the batch; per-sample quantities have shape [B] and broadcast over the non-batch dims.
+Layout: [B, C, *spatial] (latents are [B, C, H, W]).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1", "combined", "ew", "clustered_mse")
+THRESHOLD_LOSS_TYPES = ("huber", "smooth_l1")  # the loss types that use the Huber threshold c
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
+COSINE_DIMS = ("spatial", "channel", "flat")
+COMBINED_TERMS = ("mse", "l1", "cosine")
+DEFAULT_COMBINED_WEIGHTS = {"mse": 0.4, "l1": 0.4, "cosine": 0.2}
+CLUSTERED_MSE_CLUSTERS = 8  # value clusters per sample for clustered_mse (quantile bins of d²)
+EW_BLEND_FLAT_MAP = 0.0     # ew importance on a flat map: no bin is harder than another, so plain MSE
+
+
+def per_sample_view(x: Tensor | float, like: Tensor) -> Tensor:
+    """[B] (or a scalar) -> [B, 1, 1, ...] broadcastable against ``like``."""
+    x = torch.as_tensor(x, dtype=like.dtype, device=like.device)
+    return x.reshape(-1, *([1] * (like.dim() - 1))) if x.dim() else x
+
+
+# ------------------------------------------------------------------------------------------------------------
+# §1 elementwise losses
+# ------------------------------------------------------------------------------------------------------------
+def pseudo_huber(d: Tensor, c: Tensor | float) -> Tensor:
+    """huber = 2c·(√(d² + c²) − c), computed as 2c·d²/(√(d² + c²) + c) (same value; the naive difference
+    cancels to 0 in fp32 when |d| ≪ c). ≈ d² near 0, ≈ 2c·|d| far out. KS/DF pseudo-Huber (Charbonnier).
+    Oracles: c = 0.1, d = 1 → 0.1809975124; c = 1, d = 1 → 0.8284271247."""
+    c = per_sample_view(c, d)
+    d2 = d * d
+    return 2 * c * d2 / (torch.sqrt(d2 + c * c) + c)
+
+
+def smooth_l1(d: Tensor, c: Tensor | float) -> Tensor:
+    """smooth_l1 = 2·(√(d² + c²) − c), computed as 2·d²/(√(d² + c²) + c). KS naming (≈ d²/c near 0, ≈ 2|d|
+    far out); NOT torch's SmoothL1Loss. Oracle: c = 0.1, d = 1 → 1.809975124."""
+    c = per_sample_view(c, d)
+    d2 = d * d
+    return 2 * d2 / (torch.sqrt(d2 + c * c) + c)
+
+
+def elementwise_loss(pred: Tensor, target: Tensor, loss_type: str, huber_c: Tensor | float | None = None) -> Tensor:
+    """l2 d², l1 |d|, huber, smooth_l1 (threshold ``huber_c``, [B] or scalar), d = pred − target."""
+    d = pred - target
+    if loss_type == "l2":
+        return d * d
+    if loss_type == "l1":
+        return d.abs()
+    if loss_type in THRESHOLD_LOSS_TYPES:
+        if huber_c is None:
+            raise ValueError(f"loss_type '{loss_type}' needs huber_c")
+        return pseudo_huber(d, huber_c) if loss_type == "huber" else smooth_l1(d, huber_c)
+    raise ValueError(f"elementwise_loss: unknown loss_type '{loss_type}'; known: l2, l1, huber, smooth_l1")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# §2 Huber thresholds
+# ------------------------------------------------------------------------------------------------------------
+def huber_c_constant(c0: float, k: float, timesteps: Tensor, snr: Tensor) -> Tensor:
+    """c = k·c0."""
+    return torch.full_like(snr, k * c0)
+
+
+def huber_c_exponential(c0: float, k: float, timesteps: Tensor, snr: Tensor, num_train_timesteps: int = 1000) -> Tensor:
+    """c(t) = k·c0^(t/T) (KS: exp(−α·t), α = −ln(c0)/T); flow t = 1000σ. c(0) = k, c(T/2) = k·√c0."""
+    return k * c0 ** (timesteps.to(snr.dtype) / num_train_timesteps)
+
+
+def huber_c_snr(c0: float, k: float, timesteps: Tensor, snr: Tensor) -> Tensor:
+    """c = k·((1 − c0)/(1 + r)² + c0), r = 1/√SNR (KS "snr" schedule, with k applied: KS forgets it).
+
+    Written as k·((1 − c0)·(√SNR/(1 + √SNR))² + c0), finite at SNR = 0 (r = ∞ → c = k·c0) and at large SNR.
+    Flow: r = σ/(1 − σ), so c = k·((1 − c0)·(1 − σ)² + c0): small c (robust) at high noise, as for DDPM."""
+    root = snr.clamp_min(0).sqrt()
+    return k * ((1 - c0) * (root / (1 + root)) ** 2 + c0)
+
+
+HUBER_THRESHOLDS: dict[str, Callable[..., Tensor]] = {
+    "constant": huber_c_constant, "exponential": huber_c_exponential, "snr": huber_c_snr}
+
+
+def huber_threshold(schedule: str, c0: float, k: float, timesteps: Tensor, snr: Tensor) -> Tensor:
+    """Per-sample threshold c [B] (dtype of ``snr``) of ``--huber_schedule`` at the samples' timesteps (flow: 1000σ)
+    and SNRs."""
+    try:
+        fn = HUBER_THRESHOLDS[schedule]
+    except KeyError:
+        raise ValueError(f"unknown huber_schedule '{schedule}'; known: {', '.join(HUBER_SCHEDULES)}") from None
+    return fn(c0, k, timesteps, snr)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# §1 / §6 combined loss
+# ------------------------------------------------------------------------------------------------------------
+def _cosine_reduce_dims(cosine_dim: str, ndim: int) -> tuple[int, ...]:
+    """The dims a cosine is taken over: spatial = per (sample, channel) over H·W; channel = per (sample,
+    position) over C; flat = per sample over everything."""
+    if cosine_dim == "spatial":
+        return tuple(range(2, ndim))
+    if cosine_dim == "channel":
+        return (1,)
+    if cosine_dim == "flat":
+        return tuple(range(1, ndim))
+    raise ValueError(f"unknown cosine_dim '{cosine_dim}'; known: {', '.join(COSINE_DIMS)}")
+
+
+def cosine_distance(pred: Tensor, target: Tensor, cosine_dim: str = "spatial", eps: float = 1e-8) -> Tensor:
+    """1 − cos(pred, target) over the ``cosine_dim`` groups, kept as size-1 dims so it broadcasts: its mean over
+    all elements is the mean over groups (groups have equal size). cos = ⟨p, t⟩/max(‖p‖·‖t‖, eps)."""
+    dims = _cosine_reduce_dims(cosine_dim, pred.dim())
+    dot = (pred * target).sum(dims, keepdim=True)
+    norms = pred.square().sum(dims, keepdim=True).sqrt() * target.square().sum(dims, keepdim=True).sqrt()
+    return 1 - dot / norms.clamp_min(eps)
+
+
+def combined_loss(pred: Tensor, target: Tensor, weights: dict[str, float], cosine_dim: str = "spatial",
+                  mask: Tensor | None = None) -> Tensor:
+    """w_mse·d² + w_l1·|d| + w_cos·(1 − cos) elementwise (the cosine term broadcast over its group), spec §1/§6.
+
+    With a mask, the cosine is taken between the masked prediction and target, so excluded pixels neither add
+    to the dot product nor to the norms."""
+    d = pred - target
+    loss = weights.get("mse", 0.0) * d * d + weights.get("l1", 0.0) * d.abs()
+    w_cos = weights.get("cosine", 0.0)
+    if w_cos:
+        if mask is not None:
+            pred, target = pred * mask, target * mask
+        loss = loss + w_cos * cosine_distance(pred, target, cosine_dim)
+    return loss
+
+
+# ------------------------------------------------------------------------------------------------------------
+# §5.4 experimental losses
+# ------------------------------------------------------------------------------------------------------------
+def map_importance(map_values: Tensor, bins: Tensor) -> Tensor:
+    """Normalised importance ι_b = (M[b] − min M)/(max M − min M) ∈ [0, 1] of each sample's bin.
+
+    A flat map (max = min, e.g. at the start) carries no information: ι = 0 there instead of the original's
+    division by zero."""
+    values = map_values.detach().float()
+    low, spread = float(values.min()), float(values.max() - values.min())
+    if spread <= 1e-12:
+        return torch.full(bins.shape, EW_BLEND_FLAT_MAP, dtype=torch.float32, device=bins.device)
+    return (values.to(bins.device)[bins.long()] - low) / spread
+
+
+def ew_loss(pred: Tensor, target: Tensor, alpha_bar: Tensor, importance: Tensor, boundary_shift: float = 0.0) -> Tensor:
+    """Experimental "ew" loss (spec §5.4), elementwise [B, C, H, W]:
+
+    a = |d|; μ = mean(a) + shift per sample; A = a·exp(a − μ); per (sample, channel) over H·W:
+    F = mean(A)·ᾱ + std(A)·(1 − ᾱ), q = mean(d²); L = min(F, q) where F < mean_c(F), else 0.85·F + 0.15·q;
+    result (1 − ι)·d² + ι·L, ι the loss map's normalised importance of the sample's bin (``map_importance``).
+    ᾱ is the signal fraction SNR/(1 + SNR) (DDPM: ᾱ_t; flow: (1 − σ)²/((1 − σ)² + σ²))."""
+    d = pred - target
+    d2 = d * d
+    a = d.abs()
+    spatial = tuple(range(2, d.dim()))
+    mu = a.mean(tuple(range(1, d.dim())), keepdim=True) + boundary_shift
+    A = a * torch.exp(a - mu)
+    ab = per_sample_view(alpha_bar.to(d.dtype), d)
+    F = A.mean(spatial, keepdim=True) * ab + A.std(spatial, correction=0, keepdim=True) * (1 - ab)
+    q = d2.mean(spatial, keepdim=True)
+    below = F < F.mean(1, keepdim=True)
+    L = torch.where(below, torch.minimum(F, q), 0.85 * F + 0.15 * q)
+    iota = per_sample_view(importance.to(d.dtype), d)
+    return (1 - iota) * d2 + iota * L
+
+
+def clustered_mse(pred: Tensor, target: Tensor, num_clusters: int = CLUSTERED_MSE_CLUSTERS) -> Tensor:
+    """Experimental (spec §5.4): each element of d² replaced by the mean of its value cluster, the clusters
+    being ``num_clusters`` quantile bins of d² per sample (in torch, no k-means).
+
+    Per sample Σ_k n_k·mean_k = Σ d², and the cluster assignment is piecewise constant, so without a mask the
+    per-sample mean equals MSE in value and in gradient (each element gets 1/N)."""
+    d2 = (pred - target).square()
+    flat = d2.reshape(d2.shape[0], -1)
+    levels = torch.linspace(0, 1, num_clusters + 1, device=d2.device, dtype=flat.dtype)[1:-1]
+    edges = torch.quantile(flat.detach(), levels, dim=1).T.contiguous()  # [B, K − 1], sorted per row
+    ids = torch.searchsorted(edges, flat.detach().contiguous())           # [B, N] cluster of each element
+    sums = torch.zeros(flat.shape[0], num_clusters, dtype=flat.dtype, device=flat.device).scatter_add(1, ids, flat)
+    counts = torch.zeros_like(sums).scatter_add(1, ids, torch.ones_like(flat))
+    means = sums / counts.clamp_min(1)
+    return means.gather(1, ids).reshape(d2.shape)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# reduction
+# ------------------------------------------------------------------------------------------------------------
+def per_sample_mean(loss: Tensor, mask: Tensor | None = None, renormalize: bool = False) -> Tensor:
+    """Mean over the non-batch dims -> [B]. With a mask (broadcastable, e.g. [B, 1, H, W]): mean of loss·mask
+    (KS masked loss), or with ``renormalize`` Σ loss·mask / Σ mask, the mean over the masked area only."""
+    dims = tuple(range(1, loss.dim()))
+    if mask is None:
+        return loss.mean(dims)
+    mask = mask.to(loss.dtype)
+    masked = loss * mask
+    if not renormalize:
+        return masked.mean(dims)
+    area = torch.broadcast_to(mask, loss.shape).sum(dims)
+    return masked.sum(dims) / area.clamp_min(1e-8)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# KS facade
+# ------------------------------------------------------------------------------------------------------------
+def conditional_loss(model_pred: Tensor, target: Tensor, loss_type: str = "l2", reduction: str = "mean",
+                     huber_c: Tensor | float | None = None) -> Tensor:
+    """KS ``train_util.conditional_loss``: loss_type l2 | l1 | huber | smooth_l1, reduction "none" | "mean" |
+    "sum", huber_c a [B] tensor or a float (needed by huber and smooth_l1). Uses the stable forms, so values
+    equal KS's up to rounding."""
+    if loss_type not in ("l2", "l1", "huber", "smooth_l1"):
+        raise ValueError(f"conditional_loss: unsupported loss_type '{loss_type}'")
+    if loss_type in THRESHOLD_LOSS_TYPES and huber_c is None:
+        raise ValueError(f"conditional_loss: loss_type '{loss_type}' needs huber_c")
+    loss = elementwise_loss(model_pred, target, loss_type, huber_c)
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "none":
+        return loss
+    raise ValueError(f"conditional_loss: reduction must be 'none', 'mean' or 'sum', got '{reduction}'")

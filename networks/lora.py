@@ -1,0 +1,607 @@
+"""LoRA network for SD1/SD2, SDXL and SD3, with the kohya sd-scripts (KS) networks/lora.py API.
+
+A LoRAModule wraps an org nn.Linear / nn.Conv2d by replacing its forward (KS style):
+
+    y = org(x) + up(down(x)) · multiplier · scale,   scale = alpha / rank
+
+(Hu et al. 2021, "LoRA", eq. 3; KS networks/lora.py LoRAModule). Init as KS / Microsoft: down kaiming_uniform
+(a=√5), up zeros, so a new network changes nothing. Training-only regularisers (KS): `--network_dropout` drops
+elements of down(x); `rank_dropout` drops whole rank channels per sample and rescales by 1/(1-p); `module_dropout`
+skips the module for the whole batch with probability p.
+
+Targets and file key names: networks/lora_keys.py; file layout: docs/lora-format.md.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from typing import Callable, Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from library.errors import UserError, closest
+from networks.hashing import precalculate_safetensors_hashes
+from networks.lora_keys import (LORA_PREFIX_TEXT_ENCODER, LORA_PREFIX_TEXT_ENCODER1, LORA_PREFIX_TEXT_ENCODER2,
+                                LoraTarget, detect_family, text_encoder_list, text_encoder_targets, unet_targets)
+
+logger = logging.getLogger(__name__)
+
+
+# =========================================================================================================
+# The module
+# =========================================================================================================
+class LoRAModule(torch.nn.Module):
+    """Low-rank update of one Linear / Conv2d. For a conv, down has the org kernel, stride and padding and up is
+    1×1 (KS LoCon), so up∘down is the conv with weight up·down."""
+
+    def __init__(self, lora_name: str, org_module: torch.nn.Module, multiplier: float = 1.0, lora_dim: int = 4,
+                 alpha: float | torch.Tensor | None = 1, dropout: float | None = None,
+                 rank_dropout: float | None = None, module_dropout: float | None = None):
+        super().__init__()
+        self.lora_name = lora_name
+        self.lora_dim = int(lora_dim)
+        if isinstance(org_module, torch.nn.Conv2d):
+            self.lora_down = torch.nn.Conv2d(org_module.in_channels, self.lora_dim, org_module.kernel_size,
+                                             org_module.stride, org_module.padding, org_module.dilation, bias=False)
+            self.lora_up = torch.nn.Conv2d(self.lora_dim, org_module.out_channels, (1, 1), (1, 1), bias=False)
+        else:
+            self.lora_down = torch.nn.Linear(org_module.in_features, self.lora_dim, bias=False)
+            self.lora_up = torch.nn.Linear(self.lora_dim, org_module.out_features, bias=False)
+
+        if isinstance(alpha, torch.Tensor):
+            alpha = float(alpha.detach().float())
+        # KS: alpha None or 0 means "no scaling" (alpha = rank, scale 1).
+        alpha = float(self.lora_dim if alpha is None or alpha == 0 else alpha)
+        self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32))
+        self.scale = alpha / self.lora_dim
+
+        torch.nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        torch.nn.init.zeros_(self.lora_up.weight)
+
+        self.multiplier = multiplier
+        self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
+        # a list, not an attribute: the org module must not become a submodule (its weights would be saved)
+        self.org_module_ref = [org_module]
+        self.org_forward: Callable | None = None
+        # filled by LoRANetwork: where the org module lives (diffusers / transformers naming)
+        self.module_path = ""
+        self.component = ""
+        self.peft_name = ""
+
+    @property
+    def org_module(self) -> torch.nn.Module:
+        return self.org_module_ref[0]
+
+    @property
+    def is_applied(self) -> bool:
+        return self.org_forward is not None
+
+    def apply_to(self) -> None:
+        """Route the org module's forward through this module (KS: org_module.forward = self.forward)."""
+        if self.is_applied:
+            return
+        self._forward_was_patched = "forward" in vars(self.org_module)  # someone else's patch, to put back
+        self.org_forward = self.org_module.forward
+        self.org_module.forward = self.forward
+
+    def restore(self) -> None:
+        """Undo apply_to: the org module computes its own output again."""
+        if not self.is_applied:
+            return
+        if self._forward_was_patched:
+            self.org_module.forward = self.org_forward
+        else:  # drop our instance attribute so the class's forward shows through again
+            del self.org_module.forward
+        self.org_forward = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # Unlike KS (which keeps the scale computed at construction), a loaded alpha takes effect, so the
+        # module computes exactly what the file it came from means.
+        self.scale = float(self.alpha) / self.lora_dim
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        org_forwarded = self.org_forward(x, *args, **kwargs)
+
+        if self.module_dropout is not None and self.training and torch.rand(1).item() < self.module_dropout:
+            return org_forwarded
+
+        lx = self.lora_down(x)
+        if self.dropout is not None and self.training:
+            lx = torch.nn.functional.dropout(lx, p=self.dropout)
+
+        scale = self.scale
+        if self.rank_dropout is not None and self.training:
+            lx = lx * self._rank_mask(lx)
+            # as if the rank were (1-p)·r: keep the expected update size (KS)
+            scale = scale / (1.0 - self.rank_dropout)
+
+        return org_forwarded + self.lora_up(lx) * (self.multiplier * scale)
+
+    def _rank_mask(self, lx: torch.Tensor) -> torch.Tensor:
+        """Bernoulli(1-p) keep-mask over (sample, rank channel), broadcast over tokens / pixels."""
+        keep = (torch.rand((lx.size(0), self.lora_dim), device=lx.device) > self.rank_dropout).to(lx.dtype)
+        if isinstance(self.lora_down, torch.nn.Conv2d):  # [B, r, H, W]
+            return keep.view(lx.size(0), self.lora_dim, *([1] * (lx.dim() - 2)))
+        return keep.view(lx.size(0), *([1] * (lx.dim() - 2)), self.lora_dim)  # [B, ..., r]
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = scale · up·down in the org weight's shape (fp32; conv: Σ_r up[o,r]·down[r,i,kh,kw])."""
+        up = self.lora_up.weight.float()
+        down = self.lora_down.weight.float()
+        if down.dim() == 4:
+            delta = torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down)
+        else:
+            delta = up @ down
+        return delta * self.scale
+
+
+# =========================================================================================================
+# --network_args
+# =========================================================================================================
+def _positive_int(value) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError
+    return number
+
+
+def _probability(value) -> float:
+    p = float(value)
+    if not 0.0 <= p < 1.0:
+        raise ValueError
+    return p
+
+
+def _positive_float(value) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError
+    return number
+
+
+def _non_negative_float(value) -> float:
+    number = float(value)
+    if number < 0:
+        raise ValueError
+    return number
+
+
+# key -> (parser, what a valid value is)
+NETWORK_ARGS: dict[str, tuple[Callable, str]] = {
+    "conv_dim": (_positive_int, "a non-negative integer rank for 3×3 convs (LoCon)"),
+    "conv_alpha": (_non_negative_float, "a non-negative number"),
+    "rank_dropout": (_probability, "a probability in [0, 1)"),
+    "module_dropout": (_probability, "a probability in [0, 1)"),
+    "loraplus_lr_ratio": (_positive_float, "a positive number (lr of lora_up = ratio · lr)"),
+    "loraplus_unet_lr_ratio": (_positive_float, "a positive number"),
+    "loraplus_text_encoder_lr_ratio": (_positive_float, "a positive number"),
+}
+
+
+def parse_network_args(kwargs: dict) -> dict:
+    """--network_args strings -> typed values. Unknown keys and bad values raise UserError."""
+    parsed = {}
+    for key, raw in kwargs.items():
+        if key not in NETWORK_ARGS:
+            suggestion = closest(key, NETWORK_ARGS)
+            hint = f"did you mean '{suggestion}'? " if suggestion else ""
+            raise UserError(f"--network_args: unknown key '{key}' for networks.lora; {hint}"
+                            f"valid keys: {', '.join(NETWORK_ARGS)}")
+        if raw is None or (isinstance(raw, str) and raw.strip().lower() == "none"):
+            parsed[key] = None
+            continue
+        parse, expected = NETWORK_ARGS[key]
+        try:
+            parsed[key] = parse(raw)
+        except (TypeError, ValueError):
+            raise UserError(f"--network_args: {key}={raw!r} is not {expected}; e.g. {key}=4") from None
+    return parsed
+
+
+def _check_rank_and_alpha(network_dim, network_alpha, neuron_dropout) -> tuple[int, float, float | None]:
+    try:
+        dim = int(network_dim)
+        if dim < 1 or dim != float(network_dim):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise UserError(f"--network_dim: {network_dim!r} is not a positive integer rank; e.g. --network_dim 16") \
+            from None
+    try:
+        alpha = _non_negative_float(network_alpha)
+    except (TypeError, ValueError):
+        raise UserError(f"--network_alpha: {network_alpha!r} must be a number >= 0 (scale = alpha / rank); "
+                        "e.g. --network_alpha 8") from None
+    return dim, alpha, _check_neuron_dropout(neuron_dropout)
+
+
+def _check_neuron_dropout(neuron_dropout) -> float | None:
+    if neuron_dropout is None:
+        return None
+    try:
+        return _probability(neuron_dropout)
+    except (TypeError, ValueError):
+        raise UserError(f"--network_dropout: {neuron_dropout!r} must be a probability in [0, 1)") from None
+
+
+# =========================================================================================================
+# File keys <-> module names
+# =========================================================================================================
+# file suffix -> (parameter name inside LoRAModule, is a PEFT suffix)
+_KEY_SUFFIXES = {
+    ".lora_down.weight": ("lora_down.weight", False),
+    ".lora_up.weight": ("lora_up.weight", False),
+    ".alpha": ("alpha", False),
+    ".lora_A.weight": ("lora_down.weight", True),
+    ".lora_B.weight": ("lora_up.weight", True),
+}
+
+
+def names_index(targets: Iterable[LoraTarget]) -> dict[str, LoraTarget]:
+    """Every name a module may have in a file (KS name, SDXL diffusers-style alias, PEFT name) -> target."""
+    index: dict[str, LoraTarget] = {}
+    for target in targets:
+        for name in (target.lora_name, *target.aliases, target.peft_name):
+            index[name] = target
+    return index
+
+
+def to_internal_state_dict(file_sd: dict[str, torch.Tensor], index: dict[str, LoraTarget],
+                           scale_of: Callable[[str], float]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """File tensors -> {'<lora_name>.lora_down.weight' | '.lora_up.weight' | '.alpha': tensor}, unknown keys.
+
+    PEFT files (lora_A / lora_B, no alpha) mean ΔW = B·A; the receiving module computes scale·up·down, so
+    up = B / scale (scale_of(lora_name) is the receiving module's alpha / rank)."""
+    internal: dict[str, torch.Tensor] = {}
+    source_of: dict[str, str] = {}
+    unknown: list[str] = []
+    for key, value in file_sd.items():
+        for suffix, (param, is_peft) in _KEY_SUFFIXES.items():
+            if key.endswith(suffix):
+                target = index.get(key[: -len(suffix)])
+                break
+        else:
+            target = None
+        if target is None:
+            unknown.append(key)
+            continue
+        name = f"{target.lora_name}.{param}"
+        if name in internal:
+            raise UserError(f"--network_weights: the file names module {target.lora_name} twice ('{source_of[name]}'"
+                            f" and '{key}'); a LoRA file must use one naming style")
+        if is_peft and param == "lora_up.weight":
+            value = value.float() / scale_of(target.lora_name)
+        internal[name] = value
+        source_of[name] = key
+    return internal, unknown
+
+
+def read_lora_file(file: str, flag: str = "--network_weights") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a .safetensors file, or of a torch pickle (weights_only)."""
+    if not os.path.isfile(file):
+        raise UserError(f"{flag}: file not found: {file}")
+    if os.path.splitext(file)[1].lower() == ".safetensors":
+        with safe_open(file, framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(file), metadata
+    return torch.load(file, map_location="cpu", weights_only=True), {}
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """write(tmp) to a temporary file in the same folder, fsync, then os.replace: a crash or an exception
+    midway leaves the previous file (if any) untouched and no partial file under `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# =========================================================================================================
+# The network
+# =========================================================================================================
+class LoRANetwork(torch.nn.Module):
+    """All LoRA modules of one model. Submodules are named by their KS names, so state_dict() keys are
+    '<lora_name>.lora_down.weight', '.lora_up.weight', '.alpha' for every family."""
+
+    LORA_PREFIX_UNET = "lora_unet"
+    LORA_PREFIX_TEXT_ENCODER = LORA_PREFIX_TEXT_ENCODER
+    LORA_PREFIX_TEXT_ENCODER1 = LORA_PREFIX_TEXT_ENCODER1
+    LORA_PREFIX_TEXT_ENCODER2 = LORA_PREFIX_TEXT_ENCODER2
+
+    def __init__(self, text_encoder, unet, multiplier: float = 1.0, lora_dim: int = 4, alpha: float = 1,
+                 dropout: float | None = None, rank_dropout: float | None = None,
+                 module_dropout: float | None = None, conv_lora_dim: int | None = None,
+                 conv_alpha: float | None = None, modules_dim: dict[str, int] | None = None,
+                 modules_alpha: dict[str, float] | None = None, module_class: type = LoRAModule,
+                 loraplus_lr_ratio: float | None = None, loraplus_unet_lr_ratio: float | None = None,
+                 loraplus_text_encoder_lr_ratio: float | None = None, varbose: bool = False):
+        super().__init__()
+        self.family = detect_family(unet)
+        self.multiplier = multiplier
+        self.lora_dim, self.alpha = lora_dim, alpha
+        self.conv_lora_dim, self.conv_alpha = conv_lora_dim, conv_alpha
+        self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+        self.loraplus_unet_lr_ratio = loraplus_unet_lr_ratio
+        self.loraplus_text_encoder_lr_ratio = loraplus_text_encoder_lr_ratio
+        # SD3 files use diffusers / PEFT keys (what diffusers and ComfyUI load); the others KS keys.
+        self.file_format = "peft" if self.family == "sd3" else "kohya"
+
+        # KS: LoCon blocks join the targets when conv_dim is given or dims come from a file.
+        include_conv = conv_lora_dim is not None or modules_dim is not None
+        targets = (text_encoder_targets(self.family, text_encoder_list(text_encoder))
+                   + unet_targets(self.family, unet, include_conv))
+        self.text_encoder_loras: list[LoRAModule] = []
+        self.unet_loras: list[LoRAModule] = []
+        skipped = []
+        for target in targets:
+            if modules_dim is not None:
+                dim = modules_dim.get(target.lora_name)
+                module_alpha = (modules_alpha or {}).get(target.lora_name, dim)
+            elif target.kind in ("linear", "conv1x1"):  # KS: 1×1 convs (SD1 proj_in/out) use the linear rank
+                dim, module_alpha = lora_dim, alpha
+            else:
+                dim, module_alpha = conv_lora_dim, conv_alpha
+            if not dim:
+                skipped.append(target.lora_name)
+                continue
+            lora = module_class(target.lora_name, target.module, multiplier, dim, module_alpha, dropout=dropout,
+                                rank_dropout=rank_dropout, module_dropout=module_dropout)
+            lora.module_path, lora.component, lora.peft_name = target.module_path, target.component, target.peft_name
+            (self.text_encoder_loras if target.is_text_encoder else self.unet_loras).append(lora)
+            self.add_module(lora.lora_name, lora)
+        self._index = names_index(targets)
+        if varbose and skipped:
+            logger.info("LoRA: %d modules skipped (rank 0 or not in the weights file)", len(skipped))
+        logger.info("LoRA (%s): %d text encoder modules, %d denoiser modules", self.family,
+                    len(self.text_encoder_loras), len(self.unet_loras))
+
+    # ---- KS training API ----------------------------------------------------------------------------------
+    def apply_to(self, text_encoder=None, unet=None, apply_text_encoder: bool = True,
+                 apply_unet: bool = True) -> None:
+        """Hook the modules into the models they were built on; a part not applied is dropped from the network
+        (not trained, not saved), as KS does."""
+        if not apply_text_encoder:
+            self._drop(self.text_encoder_loras)
+            self.text_encoder_loras = []
+        if not apply_unet:
+            self._drop(self.unet_loras)
+            self.unet_loras = []
+        for lora in self.text_encoder_loras + self.unet_loras:
+            lora.apply_to()
+
+    def _drop(self, loras: list[LoRAModule]) -> None:
+        for lora in loras:
+            lora.restore()
+            delattr(self, lora.lora_name)
+
+    def restore(self) -> None:
+        """Undo apply_to: the models compute their base outputs again (the network keeps its weights)."""
+        for lora in self.text_encoder_loras + self.unet_loras:
+            lora.restore()
+
+    def set_multiplier(self, multiplier: float) -> None:
+        self.multiplier = multiplier
+        for lora in self.text_encoder_loras + self.unet_loras:
+            lora.multiplier = multiplier
+
+    def is_mergeable(self) -> bool:
+        return True
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Nothing to do: the modules run inside the checkpointed blocks of the model (KS: a no-op)."""
+
+    def prepare_grad_etc(self, text_encoder=None, unet=None) -> None:
+        self.requires_grad_(True)
+
+    def on_epoch_start(self, text_encoder=None, unet=None) -> None:
+        self.train()
+
+    def get_trainable_params(self):
+        return self.parameters()
+
+    def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr) -> list[dict]:
+        """Optimizer param groups: one per text encoder, one for the denoiser (KS). text_encoder_lr is a number,
+        None (-> default_lr) or a list (one per text encoder; a single value is used for all). With a LoRA+ ratio
+        (Hayou et al. 2024) each part splits into a lora_down group and a lora_up group at ratio · lr. A part
+        whose lr is 0 is frozen (no group, requires_grad False)."""
+        self.requires_grad_(True)
+        te_lrs = _per_text_encoder(text_encoder_lr, default_lr)
+        groups: list[dict] = []
+        te_ratio = self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio
+        for i, component in enumerate(("text_encoder", "text_encoder_2")):
+            loras = [lora for lora in self.text_encoder_loras if lora.component == component]
+            groups += _param_groups(loras, te_lrs[min(i, len(te_lrs) - 1)], te_ratio)
+        unet_ratio = self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio
+        groups += _param_groups(self.unet_loras, unet_lr if unet_lr is not None else default_lr, unet_ratio)
+        return groups
+
+    # ---- files ------------------------------------------------------------------------------------------
+    def load_weights(self, file: str):
+        """Load a LoRA file: our keys, SDXL diffusers-style names, PEFT keys (lora_A/lora_B). Returns
+        torch's (missing_keys, unexpected_keys); keys naming no module of this model are unexpected."""
+        weights_sd, _ = read_lora_file(file)
+        return self.load_file_state_dict(weights_sd, source=file)
+
+    def load_file_state_dict(self, weights_sd: dict[str, torch.Tensor], source: str = "state dict"):
+        """load_weights for tensors already in memory."""
+        internal, unknown = to_internal_state_dict(weights_sd, self._index, self._scale_of)
+        if weights_sd and not internal:
+            raise UserError(f"--network_weights: none of the {len(weights_sd)} keys of {source} names a LoRA "
+                            f"module of this {self.family} model (first key: '{next(iter(weights_sd))}'); "
+                            "is the file for another model family?")
+        own = self.state_dict()
+        for name, value in internal.items():
+            if name in own and own[name].shape != value.shape:
+                raise UserError(f"--network_weights: {name} has shape {tuple(value.shape)} in {source} but "
+                                f"{tuple(own[name].shape)} in this network; use --dim_from_weights (or the "
+                                "file's --network_dim / conv_dim)")
+        info = self.load_state_dict(internal, strict=False)
+        info = torch.nn.modules.module._IncompatibleKeys(info.missing_keys, info.unexpected_keys + unknown)
+        if info.unexpected_keys:
+            logger.warning("LoRA weights: %d keys of %s match no module, e.g. %s", len(info.unexpected_keys),
+                           source, info.unexpected_keys[:3])
+        if info.missing_keys:
+            logger.warning("LoRA weights: %d tensors of the network are not in %s, e.g. %s",
+                           len(info.missing_keys), source, info.missing_keys[:3])
+        return info
+
+    def _scale_of(self, lora_name: str) -> float:
+        module = getattr(self, lora_name, None)
+        return module.scale if module is not None else 1.0
+
+    def file_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The tensors as written to a LoRA file, in `dtype`, on the CPU.
+
+        kohya: '<lora_name>.lora_down.weight' / '.lora_up.weight' / '.alpha'.
+        peft (SD3): '<peft_name>.lora_A.weight' = down, '.lora_B.weight' = scale · up (PEFT files carry no
+        alpha and diffusers' SD3 loader rejects extra keys, so the scale is baked into B: every loader then
+        computes the same W + B·A)."""
+        tensors = {}
+        for lora in self.text_encoder_loras + self.unet_loras:
+            down = lora.lora_down.weight.detach()
+            up = lora.lora_up.weight.detach()
+            if self.file_format == "peft":
+                tensors[f"{lora.peft_name}.lora_A.weight"] = down
+                tensors[f"{lora.peft_name}.lora_B.weight"] = up.float() * lora.scale
+            else:
+                tensors[f"{lora.lora_name}.lora_down.weight"] = down
+                tensors[f"{lora.lora_name}.lora_up.weight"] = up
+                tensors[f"{lora.lora_name}.alpha"] = lora.alpha.detach()
+        return {k: v.to("cpu", dtype=dtype or v.dtype).contiguous() for k, v in tensors.items()}
+
+    def save_weights(self, file: str, dtype: torch.dtype | None, metadata: dict | None) -> None:
+        """Write the LoRA file atomically (temp file + os.replace). .safetensors get `metadata` (values as str)
+        plus KS's sshs_model_hash / sshs_legacy_hash; other extensions are a torch pickle of the tensors."""
+        tensors = self.file_state_dict(dtype)
+        if os.path.splitext(file)[1].lower() == ".safetensors":
+            metadata = {str(k): v if isinstance(v, str) else str(v) for k, v in (metadata or {}).items()}
+            model_hash, legacy_hash = precalculate_safetensors_hashes(tensors, metadata)
+            metadata["sshs_model_hash"] = model_hash
+            metadata["sshs_legacy_hash"] = legacy_hash
+            _atomic_write(file, lambda tmp: save_file(tensors, tmp, metadata))
+        else:
+            _atomic_write(file, lambda tmp: torch.save(tensors, tmp))
+
+    # ---- merging ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge_to(self, text_encoder=None, unet=None, weights_sd: dict | None = None, dtype=None,
+                 device=None) -> None:
+        """W ← W + multiplier · scale · up·down in the org modules, then unhook them (the network no longer
+        adds anything). weights_sd (file keys, optional) is loaded first; text_encoder / unet are accepted for
+        KS call compatibility (the modules already know their org modules)."""
+        if weights_sd is not None:
+            self.load_file_state_dict(weights_sd)
+        for lora in self.text_encoder_loras + self.unet_loras:
+            lora.restore()
+            weight = lora.org_module.weight
+            delta = lora.delta_weight() * lora.multiplier
+            weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+
+
+def _per_text_encoder(text_encoder_lr, default_lr) -> list:
+    if text_encoder_lr is None or (isinstance(text_encoder_lr, (list, tuple)) and len(text_encoder_lr) == 0):
+        return [default_lr]
+    if isinstance(text_encoder_lr, (list, tuple)):
+        return [float(lr) for lr in text_encoder_lr]
+    return [float(text_encoder_lr)]
+
+
+def _param_groups(loras: list[LoRAModule], lr, loraplus_ratio: float | None) -> list[dict]:
+    """KS assemble_params: [{'params': down(+up)}, {'params': up, 'lr': lr·ratio}] (LoRA+), lr 0 -> frozen."""
+    if not loras:
+        return []
+    ups = [lora.lora_up.weight for lora in loras]
+    downs = [lora.lora_down.weight for lora in loras]
+    if lr is not None and lr == 0:
+        for p in ups + downs:
+            p.requires_grad_(False)
+        return []
+    if loraplus_ratio is None:
+        parts = [(downs + ups, lr)]
+    else:
+        parts = [(downs, lr), (ups, None if lr is None else lr * loraplus_ratio)]
+    groups = []
+    for params, group_lr in parts:
+        group = {"params": params}
+        if group_lr is not None:
+            group["lr"] = group_lr
+        groups.append(group)
+    return groups
+
+
+# =========================================================================================================
+# KS entry points
+# =========================================================================================================
+def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoder,
+                   unet, neuron_dropout: float | None = None, **kwargs) -> LoRANetwork:
+    """KS create_network. network_dim None -> 4 and network_alpha None -> 1.0 (KS defaults); kwargs are the
+    --network_args strings (conv_dim, conv_alpha, rank_dropout, module_dropout, loraplus_*_lr_ratio).
+    text_encoder: a module or a list (sdxl: [clip_l, clip_g]; sd3: [clip_l, clip_g, t5 or None])."""
+    dim, alpha, neuron_dropout = _check_rank_and_alpha(4 if network_dim is None else network_dim,
+                                                       1.0 if network_alpha is None else network_alpha,
+                                                       neuron_dropout)
+    args = parse_network_args(kwargs)
+    conv_dim = args.get("conv_dim")
+    conv_alpha = args.get("conv_alpha")
+    if conv_dim is not None and conv_alpha is None:
+        conv_alpha = 1.0  # KS default
+    return LoRANetwork(text_encoder, unet, multiplier=multiplier, lora_dim=dim, alpha=alpha, dropout=neuron_dropout,
+                       rank_dropout=args.get("rank_dropout"), module_dropout=args.get("module_dropout"),
+                       conv_lora_dim=conv_dim, conv_alpha=conv_alpha,
+                       loraplus_lr_ratio=args.get("loraplus_lr_ratio"),
+                       loraplus_unet_lr_ratio=args.get("loraplus_unet_lr_ratio"),
+                       loraplus_text_encoder_lr_ratio=args.get("loraplus_text_encoder_lr_ratio"), varbose=True)
+
+
+def create_network_from_weights(multiplier: float, file: str | None, vae, text_encoder, unet,
+                                weights_sd: dict | None = None, for_inference: bool = False,
+                                neuron_dropout: float | None = None, **kwargs) -> tuple[LoRANetwork, dict]:
+    """KS create_network_from_weights (--dim_from_weights): one module per module in the file, with the file's
+    rank and alpha (alpha = rank when the file has none, e.g. PEFT files). Returns (network, weights) with the
+    weights renamed to the network's state_dict keys, so network.load_state_dict(weights) loads them.
+    for_inference is accepted for KS compatibility (the same module serves both)."""
+    if weights_sd is None:
+        weights_sd, _ = read_lora_file(file)
+    family = detect_family(unet)
+    targets = text_encoder_targets(family, text_encoder_list(text_encoder)) + unet_targets(family, unet, True)
+    internal, unknown = to_internal_state_dict(weights_sd, names_index(targets), scale_of=lambda name: 1.0)
+    if not internal:
+        raise UserError(f"--network_weights: none of the {len(weights_sd)} keys of {file} names a LoRA module of "
+                        f"this {family} model; is the file for another model family?")
+    if unknown:
+        logger.warning("LoRA weights: %d keys of %s match no module, e.g. %s", len(unknown), file, unknown[:3])
+    modules_dim, modules_alpha = {}, {}
+    for key, value in internal.items():
+        name, param = key.split(".", 1)
+        if param == "lora_down.weight":
+            modules_dim[name] = int(value.shape[0])
+        elif param == "alpha":
+            modules_alpha[name] = float(value.float())
+    for name, dim in modules_dim.items():
+        modules_alpha.setdefault(name, dim)
+
+    neuron_dropout = _check_neuron_dropout(neuron_dropout)
+    args = parse_network_args(kwargs)
+    network = LoRANetwork(text_encoder, unet, multiplier=multiplier, modules_dim=modules_dim,
+                          modules_alpha=modules_alpha, dropout=neuron_dropout,
+                          rank_dropout=args.get("rank_dropout"), module_dropout=args.get("module_dropout"),
+                          loraplus_lr_ratio=args.get("loraplus_lr_ratio"),
+                          loraplus_unet_lr_ratio=args.get("loraplus_unet_lr_ratio"),
+                          loraplus_text_encoder_lr_ratio=args.get("loraplus_text_encoder_lr_ratio"))
+    return network, internal
