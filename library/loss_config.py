@@ -56,9 +56,9 @@ def parse_loss_weights(text: str | dict | None) -> dict[str, float]:
         try:
             weights[key] = float(value)
         except ValueError:
-            raise UserError(f"--loss_weights: weight of '{key}' must be a number, got '{value}'") from None
+            raise UserError(f"--loss_weights: weight of '{key}' is '{value}'; give a number") from None
         if not math.isfinite(weights[key]) or weights[key] < 0:
-            raise UserError(f"--loss_weights: weight of '{key}' must be a finite number >= 0, got {value}")
+            raise UserError(f"--loss_weights: weight of '{key}' is {value}; give a finite number >= 0")
     if sum(weights.values()) <= 0:
         raise UserError("--loss_weights: all weights are 0; give at least one positive term, e.g. mse=1")
     return weights
@@ -172,7 +172,9 @@ class LossConfig:
         given.pop("family", None)
         given.pop("prediction_type", None)
         _check_model_flags(args, kind, family)
-        _check_unused(given, kind)
+        _check_unused(given)
+        if given.get("min_snr_gamma") == 0:  # KS treats 0 as off (`if args.min_snr_gamma:`)
+            given["min_snr_gamma"] = None
         values = {k: v for k, v in given.items() if v is not None}
         values["loss_weights"] = parse_loss_weights(given.get("loss_weights"))
         cfg = cls(family=family, prediction_type=prediction_type, **values)
@@ -208,13 +210,16 @@ class LossConfig:
             raise UserError(f"--dynamic_fraction: {self.dynamic_fraction} is outside (0, 1]; 0.8 is the default")
         if self.timestep_sampling == "beta":
             if self.beta_alpha is None or self.beta_beta is None:
-                raise UserError("--timestep_sampling beta: give both --beta_alpha and --beta_beta (e.g. 2 and 2)")
+                raise UserError("--timestep_sampling beta: needs the shape of the Beta distribution; give both "
+                                "--beta_alpha and --beta_beta (e.g. 2 and 2)")
             _positive("beta_alpha", self.beta_alpha)
             _positive("beta_beta", self.beta_beta)
         if not 0 <= self.min_timestep < NUM_TRAIN_TIMESTEPS:
-            raise UserError(f"--min_timestep: {self.min_timestep} is outside [0, {NUM_TRAIN_TIMESTEPS - 1}]")
+            raise UserError(f"--min_timestep: {self.min_timestep} is outside [0, {NUM_TRAIN_TIMESTEPS - 1}]; "
+                            "the default is 0")
         if not 0 < self.max_timestep <= NUM_TRAIN_TIMESTEPS:
-            raise UserError(f"--max_timestep: {self.max_timestep} is outside [1, {NUM_TRAIN_TIMESTEPS}]")
+            raise UserError(f"--max_timestep: {self.max_timestep} is outside [1, {NUM_TRAIN_TIMESTEPS}]; "
+                            f"the default is {NUM_TRAIN_TIMESTEPS}")
         if self.min_timestep >= self.max_timestep:
             raise UserError(f"--min_timestep {self.min_timestep} must be below --max_timestep {self.max_timestep}; "
                             "lower --min_timestep or raise --max_timestep")
@@ -228,11 +233,12 @@ class LossConfig:
         if self.timestep_clusters < 0:
             raise UserError(f"--timestep_clusters: {self.timestep_clusters} is negative; 0 turns it off, 10 is typical")
         if self.timestep_clusters > NUM_TRAIN_TIMESTEPS:
-            raise UserError(f"--timestep_clusters: {self.timestep_clusters} is more than the {NUM_TRAIN_TIMESTEPS} timesteps")
+            raise UserError(f"--timestep_clusters: {self.timestep_clusters} is more than the {NUM_TRAIN_TIMESTEPS} "
+                            "timesteps; 10 is typical")
         for name in ("loss_curve_offset", "loss_curve_offset_schedule"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
-                raise UserError(f"--{name}: {value} is not a finite number")
+                raise UserError(f"--{name}: {value} is not a finite number; give a number in [-1, 1]")
         start = self.loss_curve_offset or 0.0
         end = start + self.loss_curve_offset_schedule
         if max(abs(start), abs(end)) > 1:
@@ -343,7 +349,9 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 def _positive(name: str, value: float) -> None:
     if value is None or not math.isfinite(value) or value <= 0:
-        raise UserError(f"--{name}: must be a finite number > 0, got {value}")
+        default = _DEFAULTS.get(name)
+        hint = f"the default is {default}" if default is not None else "e.g. 2"
+        raise UserError(f"--{name}: {value} is not a finite number > 0; give a positive number ({hint})")
 
 
 def _resolve_sampling(sampling: str, scheme: str, kind: str) -> str:
@@ -374,7 +382,7 @@ def _differs(given: dict, name: str) -> bool:
     return value != _DEFAULTS[name]
 
 
-def _check_unused(given: dict, kind: str) -> None:
+def _check_unused(given: dict) -> None:
     """Reject flags given with a non-default value that nothing would read (silent ignores are bugs, §0)."""
     def reject(name: str, why: str) -> None:
         if _differs(given, name):

@@ -212,6 +212,24 @@ def all_reduce_gradients(params: list[torch.nn.Parameter], world_size: int) -> N
         offset += n
 
 
+def check_ranks_agree(run: "Run") -> None:
+    """With several processes, every rank must end with the same LoRA (and loss map): compare them, print the
+    largest difference, and stop with an error if they diverged (a silent divergence would save rank 0's only)."""
+    accelerator = run.accelerator
+    if accelerator.num_processes <= 1:
+        return
+    flat = torch.cat([p.detach().float().reshape(-1) for p in run.network.parameters()])
+    loss_map = getattr(run.engine, "loss_map", None)
+    if loss_map is not None:
+        flat = torch.cat([flat, loss_map.values.to(flat.device).float()])
+    gathered = accelerator.gather(flat.unsqueeze(0))
+    difference = (gathered - gathered[0]).abs().max().item()
+    if accelerator.is_main_process:
+        print(f"LoRA weights and loss maps on {accelerator.num_processes} processes: max difference {difference:.3g}")
+    if difference > 0:
+        raise RuntimeError(f"ranks diverged (max difference {difference}); please report this bug")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 3. The loop
 # ----------------------------------------------------------------------------------------------------------------
@@ -263,6 +281,7 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
     if getattr(args, "cache_text_encoder_outputs", False) or getattr(args, "cache_text_encoder_outputs_to_disk", False):
         _cache_text_encoder_outputs(args, adapter, models, group, accelerator)
 
+    torch.manual_seed(plan.seed)  # the same LoRA initialisation on every rank and in every run with this seed
     network = _make_network(args, plan, models)
     if args.gradient_checkpointing:
         models.denoiser.enable_gradient_checkpointing()
@@ -321,6 +340,7 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
         raise SystemExit(130)
 
     accelerator.wait_for_everyone()
+    check_ranks_agree(run)
     final = os.path.join(args.output_dir, args.output_name + ".safetensors")
     if accelerator.is_main_process:
         final = _save_lora(run, args.output_name)
@@ -360,6 +380,9 @@ def _loop(run: Run, steps_per_epoch: int, micro_per_epoch: int, num_epochs: int)
             if micro_step < accum and not last_of_epoch:
                 continue
             # One optimizer step: average grads over ranks, clip, step, schedule.
+            cluster = engine.cluster_for_step(state.step)
+            if cluster is not None:  # the timestep-clustered optimizer steps only this cluster's state (spec §6)
+                _raw_optimizer(run.optimizer).set_cluster(cluster)
             all_reduce_gradients(params, world_size)
             if args.max_grad_norm:
                 accelerator.clip_grad_norm_(params, args.max_grad_norm)
@@ -377,6 +400,8 @@ def _loop(run: Run, steps_per_epoch: int, micro_per_epoch: int, num_epochs: int)
                     **{f"lr/group{i}": g["lr"] for i, g in enumerate(run.optimizer.param_groups)}}
             bar.set_postfix(loss=f"{loss_value:.4f}", avr_loss=f"{logs['loss/average']:.4f}",
                             lr=f"{run.optimizer.param_groups[0]['lr']:.2e}")
+            if cluster is not None:
+                logs["optimizer/state_bytes"] = _raw_optimizer(run.optimizer).memory_bytes()
             if accelerator.log_with:
                 accelerator.log(logs, step=state.step)
             _maybe_save_every_n_steps(run)
@@ -387,6 +412,14 @@ def _loop(run: Run, steps_per_epoch: int, micro_per_epoch: int, num_epochs: int)
             state.micro_in_epoch = 0
             _maybe_save_every_n_epochs(run, num_epochs)
     bar.close()
+    raw = _raw_optimizer(run.optimizer)
+    if hasattr(raw, "memory_bytes") and accelerator.is_main_process:
+        print(f"timestep-clustered optimizer: {raw.num_clusters} states, {raw.memory_bytes() / 2**20:.2f} MiB")
+
+
+def _raw_optimizer(optimizer):
+    """The optimizer inside accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _forward_backward(run: Run, batch: dict, micro_step: int):
@@ -495,15 +528,16 @@ def _make_optimizer(args, plan: Plan, network):
     factory = optimizers.make_optimizer_factory(args.optimizer_type, args.learning_rate, args.optimizer_args)
     warmup = optimizers.warmup_steps(args.lr_warmup_steps, args.max_train_steps)
 
-    def make_scheduler(opt):
-        return optimizers.make_lr_scheduler(args.lr_scheduler, opt, warmup, args.max_train_steps,
+    def make_scheduler(opt, share: int = 1):
+        # per_cluster: each cluster's scheduler steps ~1/K of the time, so its horizon is 1/K of the run
+        return optimizers.make_lr_scheduler(args.lr_scheduler, opt, warmup // share, max(1, args.max_train_steps // share),
                                             args.lr_scheduler_num_cycles, args.lr_scheduler_power)
 
-    clusters = getattr(plan.loss, "timestep_clusters", 0) or 0
+    clusters = plan.loss.timestep_clusters or 0
     if clusters > 0:
         optimizer = ClusteredOptimizer(factory, param_groups, clusters)
-        if getattr(plan.loss, "cluster_lr_schedule", "global") == "per_cluster":
-            return optimizer, ClusteredLRScheduler(make_scheduler, optimizer)
+        if plan.loss.cluster_lr_schedule == "per_cluster":
+            return optimizer, ClusteredLRScheduler(lambda opt: make_scheduler(opt, clusters), optimizer)
         return optimizer, make_scheduler(optimizer)
     optimizer = factory(param_groups)
     return optimizer, make_scheduler(optimizer)

@@ -253,11 +253,11 @@ def names_index(targets: Iterable[LoraTarget]) -> dict[str, LoraTarget]:
 
 
 def to_internal_state_dict(file_sd: dict[str, torch.Tensor], index: dict[str, LoraTarget],
-                           scale_of: Callable[[str], float]) -> tuple[dict[str, torch.Tensor], list[str]]:
+                           alpha_of: Callable[[str, int], float]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """File tensors -> {'<lora_name>.lora_down.weight' | '.lora_up.weight' | '.alpha': tensor}, unknown keys.
 
-    PEFT files (lora_A / lora_B, no alpha) mean ΔW = B·A; the receiving module computes scale·up·down, so
-    up = B / scale (scale_of(lora_name) is the receiving module's alpha / rank)."""
+    PEFT files (lora_A / lora_B, no alpha) mean ΔW = B·A. The receiving module has alpha = alpha_of(lora_name,
+    rank) and computes (alpha/rank)·up·down, so up = B · rank/alpha and the alpha entry is filled in."""
     internal: dict[str, torch.Tensor] = {}
     source_of: dict[str, str] = {}
     unknown: list[str] = []
@@ -275,8 +275,12 @@ def to_internal_state_dict(file_sd: dict[str, torch.Tensor], index: dict[str, Lo
         if name in internal:
             raise UserError(f"--network_weights: the file names module {target.lora_name} twice ('{source_of[name]}'"
                             f" and '{key}'); a LoRA file must use one naming style")
-        if is_peft and param == "lora_up.weight":
-            value = value.float() / scale_of(target.lora_name)
+        if is_peft:
+            rank = int(value.shape[0] if param == "lora_down.weight" else value.shape[1])
+            alpha = float(alpha_of(target.lora_name, rank))
+            internal[f"{target.lora_name}.alpha"] = torch.tensor(alpha)
+            if param == "lora_up.weight":
+                value = value.float() * (rank / alpha)
         internal[name] = value
         source_of[name] = key
     return internal, unknown
@@ -302,6 +306,9 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # temp files are 0600; the LoRA gets the permissions of a normal file
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -440,7 +447,7 @@ class LoRANetwork(torch.nn.Module):
 
     def load_file_state_dict(self, weights_sd: dict[str, torch.Tensor], source: str = "state dict"):
         """load_weights for tensors already in memory."""
-        internal, unknown = to_internal_state_dict(weights_sd, self._index, self._scale_of)
+        internal, unknown = to_internal_state_dict(weights_sd, self._index, self._alpha_of)
         if weights_sd and not internal:
             raise UserError(f"--network_weights: none of the {len(weights_sd)} keys of {source} names a LoRA "
                             f"module of this {self.family} model (first key: '{next(iter(weights_sd))}'); "
@@ -461,9 +468,10 @@ class LoRANetwork(torch.nn.Module):
                            len(info.missing_keys), source, info.missing_keys[:3])
         return info
 
-    def _scale_of(self, lora_name: str) -> float:
+    def _alpha_of(self, lora_name: str, rank: int) -> float:
+        """A PEFT file keeps the network's own alpha (so resuming keeps the training parameterisation)."""
         module = getattr(self, lora_name, None)
-        return module.scale if module is not None else 1.0
+        return float(module.alpha) if module is not None else float(rank)
 
     def file_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The tensors as written to a LoRA file, in `dtype`, on the CPU.
@@ -580,7 +588,8 @@ def create_network_from_weights(multiplier: float, file: str | None, vae, text_e
         weights_sd, _ = read_lora_file(file)
     family = detect_family(unet)
     targets = text_encoder_targets(family, text_encoder_list(text_encoder)) + unet_targets(family, unet, True)
-    internal, unknown = to_internal_state_dict(weights_sd, names_index(targets), scale_of=lambda name: 1.0)
+    # PEFT files carry no alpha: alpha = rank (scale 1), so B is used as is
+    internal, unknown = to_internal_state_dict(weights_sd, names_index(targets), lambda name, rank: rank)
     if not internal:
         raise UserError(f"--network_weights: none of the {len(weights_sd)} keys of {file} names a LoRA module of "
                         f"this {family} model; is the file for another model family?")

@@ -127,6 +127,13 @@ def test_state_dict_holds_k_states_and_checks_k():
     with pytest.raises(UserError, match="--timestep_clusters"):
         ClusteredOptimizer(OPTIMIZERS["adamw"], params, num_clusters=0)
 
+    class ScheduleFreeLike(torch.optim.SGD):  # schedule-free optimizers expose train() / eval()
+        def train(self):
+            pass
+
+    with pytest.raises(UserError, match="schedule-free"):
+        ClusteredOptimizer(lambda groups: ScheduleFreeLike(groups, lr=0.1), params, num_clusters=2)
+
 
 def test_deepcopy_is_independent_even_with_a_scheduler_attached():
     params = make_params()

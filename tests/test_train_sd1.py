@@ -131,12 +131,19 @@ def test_zero_terminal_snr_losses_finite_at_every_timestep(sd15_v, dataset, tmp_
     assert all(torch.isfinite(t).all() for t in lora_tensors(path).values())
 
 
-def test_resume_equals_uninterrupted_run(sd15, dataset, tmp_path, monkeypatch):
+RESUME_CASES = {
+    "plain": dict(timestep_sampling="logit_normal", loss_type="huber", network_dropout=0.1),
+    "clusters_and_loss_map": dict(timestep_sampling="loss_map", timestep_clusters=3, loss_map_offset=True,
+                                  optimizer_type="AdamW8bit", lr_scheduler="cosine"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_resume_equals_uninterrupted_run(sd15, dataset, tmp_path, monkeypatch, case):
     """4 batches per epoch, state saved at step 5 (inside epoch 2), resumed to step 10: bit-identical LoRA,
     and the resumed run really ran only the last 5 steps."""
     from library import training_loop
-    common = dict(save_every_n_steps=5, save_state=True, train_batch_size=1, timestep_sampling="logit_normal",
-                  loss_type="huber", network_dropout=0.1)
+    common = dict(save_every_n_steps=5, save_state=True, train_batch_size=1, **RESUME_CASES[case])
     full = run_inprocess("sd1", base_argv(sd15, dataset, str(tmp_path / "full"), steps=10, **common))
     state = str(tmp_path / "full" / "lora-00000005-state")
     assert os.path.isdir(state)
@@ -146,6 +153,16 @@ def test_resume_equals_uninterrupted_run(sd15, dataset, tmp_path, monkeypatch):
     resumed = run_inprocess("sd1", base_argv(sd15, dataset, str(tmp_path / "resumed"), steps=10, resume=state,
                                              **common))
     assert len(calls) == 5
+    if case == "clusters_and_loss_map":
+        from safetensors.torch import load_file
+        saved_map = load_file(os.path.join(state, "loss_map.safetensors"))["loss_map"]
+        assert saved_map.shape == (1000,) and not torch.all(saved_map == 1.0)
+        final_maps = [load_file(str(tmp_path / run / "lora-state" / "loss_map.safetensors"))["loss_map"]
+                      for run in ("full", "resumed")]
+        assert torch.equal(*final_maps)
+        states = [torch.load(str(tmp_path / run / "lora-state" / "optimizer.pt"), weights_only=True)
+                  for run in ("full", "resumed")]
+        assert len(states[0]["clusters"]) == 3
     a, b = lora_tensors(full), lora_tensors(resumed)
     assert a.keys() == b.keys()
     for k in a:
