@@ -95,13 +95,13 @@ class LossEngine:
         name = cfg.loss_map_base_sampling if cfg.timestep_sampling == "loss_map" else cfg.timestep_sampling
         self._fixed_sampler = None if name in STEP_DEPENDENT | IMAGE_DEPENDENT else build_sampler(name, self.sampler_params)
         self.loss_map = None
-        self._base_bin_probs: Tensor | None = None
+        self.base_bin_probs: Tensor | None = None  # loss_map sampling: P_base over bins (fp64), what the map mixes with
         if cfg.needs_loss_map:
             if LossMap is None:
                 raise RuntimeError("this configuration needs library/loss_map.py (LossMap), which is missing")
             self.loss_map = LossMap(self.num_bins, cfg.loss_map_update_rate)
         if cfg.timestep_sampling == "loss_map":
-            self._base_bin_probs = bin_probabilities(self._fixed_sampler, self.bin_edges_u)
+            self.base_bin_probs = bin_probabilities(self._fixed_sampler, self.bin_edges_u)
 
     # ------------------------------------------------------------------------------------------ timesteps
     def cluster_for_step(self, step: int) -> int | None:
@@ -127,7 +127,7 @@ class LossEngine:
         return bin_probabilities(self.sampler_at(step, latent_shape), self.bin_edges_u)
 
     def _loss_map_probs(self) -> Tensor:
-        return self.loss_map.sampling_probs(self._base_bin_probs, self.cfg.loss_map_mix).double()
+        return self.loss_map.sampling_probs(self.base_bin_probs, self.cfg.loss_map_mix).double()
 
     def _uniforms(self, step: int, batch_size: int, micro_step: int) -> Tensor:
         """U for this rank's micro-batch: per-rank draws, then strata of the global batch, then the cluster slice."""
@@ -162,7 +162,7 @@ class LossEngine:
             u = self.sampler_at(step, latent_shape).icdf(U)
         levels = self.levels_from_u(u)
         if self.cfg.loss_map_unbiased and self.cfg.timestep_sampling == "loss_map":
-            importance = LossMap.importance_weights(levels.bins, probs, self._base_bin_probs).double()
+            importance = LossMap.importance_weights(levels.bins, probs, self.base_bin_probs).double()
         levels.sample_weight = importance.float()
         levels.step, levels.micro_step = step, micro_step
         return self.to_device(levels, device)

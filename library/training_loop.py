@@ -508,7 +508,7 @@ def _make_network(args, plan: Plan, models):
                                                 models.denoiser, neuron_dropout=args.network_dropout,
                                                 **plan.network_kwargs)
     network.apply_to(text_encoders, models.denoiser, plan.train_text_encoder, plan.train_unet)
-    if args.network_weights and not args.dim_from_weights:
+    if args.network_weights:  # with --dim_from_weights too: the shapes came from the file, so do the weights
         info = network.load_weights(args.network_weights)
         print(f"loaded --network_weights {args.network_weights}: {info}")
     if hasattr(network, "prepare_grad_etc"):

@@ -24,6 +24,7 @@ import argparse
 import math
 import os
 import sys
+import textwrap
 from typing import Sequence
 
 if __package__ in (None, ""):  # run as a script: make `library` importable
@@ -214,7 +215,11 @@ def draw(path: str, engine: LossEngine, table: dict, levels: NoiseLevels, densit
     index = np.arange(T)
     density = density.numpy() * T
     weight = table["loss_weight"].double().numpy()
-    effective = density * weight
+    if engine.cfg.timestep_sampling == "loss_map" and engine.cfg.loss_map_unbiased:
+        density_for_effect = engine.base_bin_probs.numpy() * T  # P·(P_base/P): importance weights undo the map
+    else:
+        density_for_effect = density
+    effective = density_for_effect * weight
     effective = effective / max(effective.mean(), 1e-300)
     axis_label = "timestep t" if engine.kind == "ddpm" else "bin = floor(1000σ)"
 
@@ -235,7 +240,7 @@ def draw(path: str, engine: LossEngine, table: dict, levels: NoiseLevels, densit
     ax.set_title(f"loss weight at step {step}")
     ax = axes[1, 0]
     ax.plot(index, effective, color="tab:purple")
-    ax.set_title("effective weight = density × weight (mean 1)")
+    ax.set_title("effective weight = density × weights (mean 1)")
     ax = axes[1, 1]
     if table["huber_c"] is not None:
         ax.plot(index, table["huber_c"].double().numpy(), color="tab:green")
@@ -255,7 +260,7 @@ def draw(path: str, engine: LossEngine, table: dict, levels: NoiseLevels, densit
         ax.set_xlim(0, T - 1)
         ax.set_xlabel(axis_label, fontsize=8)
         ax.grid(alpha=0.3)
-    figure.suptitle(title, fontsize=10)
+    figure.suptitle(textwrap.fill(title, 140), fontsize=10)
     figure.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     figure.savefig(path)
