@@ -24,7 +24,7 @@ CONFIGS = [
     ("sd1 l2 (default)", "sd1", "epsilon", {}),
     ("sd1 huber snr + min_snr + debiased", "sd1", "epsilon",
      dict(loss_type="huber", min_snr_gamma=5.0, debiased_estimation_loss=True)),
-    ("sdxl v + ztsnr-style weights + curve offset", "sdxl", "v_prediction",
+    ("sdxl v-pred + min_snr + scale_v + curve offset", "sdxl", "v_prediction",
      dict(min_snr_gamma=5.0, scale_v_pred_loss_like_noise_pred=True, loss_curve_offset=0.2)),
     ("sd1 stratified + 10 clusters", "sd1", "epsilon", dict(stratified_timesteps=True, timestep_clusters=10)),
     ("sd1 noise offset + ip noise", "sd1", "epsilon", dict(noise_offset=0.05, ip_noise_gamma=0.1)),

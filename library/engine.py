@@ -75,7 +75,8 @@ class LossEngine:
         if prediction_type not in PREDICTION_TYPES[kind]:
             raise ValueError(f"prediction type '{prediction_type}' is not a {kind} one {PREDICTION_TYPES[kind]}")
         if world_size < 1 or not 0 <= rank < world_size or grad_accum_steps < 1:
-            raise ValueError(f"bad process layout: rank {rank}, world_size {world_size}, accumulation {grad_accum_steps}")
+            raise ValueError(f"bad process layout: rank {rank}, world_size {world_size}, "
+                             f"accumulation {grad_accum_steps}")
         self.cfg, self.kind, self.prediction_type = cfg, kind, prediction_type
         self.seed, self.rank, self.world_size = int(seed), rank, world_size
         self.max_train_steps, self.grad_accum_steps = max(int(max_train_steps), 1), grad_accum_steps
@@ -93,7 +94,8 @@ class LossEngine:
         self.weight_options = cfg.weight_options()
         # Built once unless the sampler changes with the step or the image size.
         name = cfg.loss_map_base_sampling if cfg.timestep_sampling == "loss_map" else cfg.timestep_sampling
-        self._fixed_sampler = None if name in STEP_DEPENDENT | IMAGE_DEPENDENT else build_sampler(name, self.sampler_params)
+        varies = name in STEP_DEPENDENT | IMAGE_DEPENDENT
+        self._fixed_sampler = None if varies else build_sampler(name, self.sampler_params)
         self.loss_map = None
         self.base_bin_probs: Tensor | None = None  # loss_map sampling: P_base over bins (fp64), what the map mixes with
         if cfg.needs_loss_map:
@@ -147,7 +149,6 @@ class LossEngine:
                       latent_shape: tuple[int, ...] | None = None) -> NoiseLevels:
         """Noise levels of one micro-batch. ``latent_shape`` ([B, C, H, W]) is needed by flux_shift only."""
         U = self._uniforms(step, batch_size, micro_step)
-        importance = torch.ones(batch_size, dtype=torch.float64)
         if self.cfg.timestep_sampling == "loss_map":
             probs = self._loss_map_probs()
             bins = self.loss_map.sample_bins(U, probs)
@@ -162,8 +163,7 @@ class LossEngine:
             u = self.sampler_at(step, latent_shape).icdf(U)
         levels = self.levels_from_u(u)
         if self.cfg.loss_map_unbiased and self.cfg.timestep_sampling == "loss_map":
-            importance = LossMap.importance_weights(levels.bins, probs, self.base_bin_probs).double()
-        levels.sample_weight = importance.float()
+            levels.sample_weight = LossMap.importance_weights(levels.bins, probs, self.base_bin_probs).float()
         levels.step, levels.micro_step = step, micro_step
         return self.to_device(levels, device)
 
@@ -175,7 +175,8 @@ class LossEngine:
         else:
             sigma64 = self.schedule.sigmas_from_u(u, self.range)
             bins = self.schedule.bins(sigma64)
-            timesteps, snr, sigma = self.schedule.timesteps(sigma64).float(), self.schedule.snr(sigma64).float(), sigma64.float()
+            timesteps, snr = self.schedule.timesteps(sigma64).float(), self.schedule.snr(sigma64).float()
+            sigma = sigma64.float()
         return NoiseLevels(u=u.float().clamp(0.0, U_MAX_FP32), timesteps=timesteps, bins=bins, snr=snr, sigma=sigma,
                            sample_weight=torch.ones(u.shape[0]))
 
@@ -222,7 +223,8 @@ class LossEngine:
         if self.cfg.ip_noise_gamma:
             generator = rng.generator_for(self.seed, levels.step, self.rank, rng.STREAM_IP_NOISE, latents.device,
                                           levels.micro_step)
-            eps_in = input_perturbation(eps, generator, self.cfg.ip_noise_gamma, self.cfg.ip_noise_gamma_random_strength)
+            eps_in = input_perturbation(eps, generator, self.cfg.ip_noise_gamma,
+                                        self.cfg.ip_noise_gamma_random_strength)
         if self.kind == "ddpm":
             alpha_bar = self.schedule.alpha_bar(levels.timesteps).to(x0)
             noisy = ddpm_noisy(x0, eps_in, alpha_bar)

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from library.errors import UserError, closest
-from library.losses import COMBINED_TERMS, COSINE_DIMS, DEFAULT_COMBINED_WEIGHTS, HUBER_SCHEDULES, LOSS_TYPES, THRESHOLD_LOSS_TYPES
+from library.losses import (COMBINED_TERMS, COSINE_DIMS, DEFAULT_COMBINED_WEIGHTS, HUBER_SCHEDULES, LOSS_TYPES,
+                            THRESHOLD_LOSS_TYPES)
 from library.schedules import NUM_TRAIN_TIMESTEPS
 from library.timesteps import MODE_SCALE_RANGE, SAMPLER_NAMES, SamplerParams
 from library.weighting import WeightOptions
@@ -168,17 +169,18 @@ class LossConfig:
             prediction_type = "flow_x0"
         if prediction_type not in PREDICTION_TYPES[kind]:
             raise ValueError(f"prediction type '{prediction_type}' is not one of {family}'s {PREDICTION_TYPES[kind]}")
+        if kind == "flow" and getattr(args, "v_parameterization", False):
+            raise UserError("--v_parameterization: SD3 is trained with flow matching (velocity target); remove it")
         given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
         given.pop("family", None)
         given.pop("prediction_type", None)
-        _check_model_flags(args, kind, family)
-        _check_unused(given)
         if given.get("min_snr_gamma") == 0:  # KS treats 0 as off (`if args.min_snr_gamma:`)
             given["min_snr_gamma"] = None
         values = {k: v for k, v in given.items() if v is not None}
         values["loss_weights"] = parse_loss_weights(given.get("loss_weights"))
         cfg = cls(family=family, prediction_type=prediction_type, **values)
-        cfg.timestep_sampling = _resolve_sampling(cfg.timestep_sampling, cfg.weighting_scheme, kind)
+        cfg.timestep_sampling = _resolve_sampling(cfg.timestep_sampling, cfg.weighting_scheme)
+        _check_unused(given, cfg)
         cfg.validate()
         return cfg
 
@@ -201,7 +203,8 @@ class LossConfig:
         if self.min_snr_gamma is not None:
             _positive("min_snr_gamma", self.min_snr_gamma)
         if self.v_pred_like_loss is not None and self.v_pred_like_loss < 0:
-            raise UserError(f"--v_pred_like_loss: {self.v_pred_like_loss} is negative; give a weight >= 0 (KS uses 0.1-0.5)")
+            raise UserError(f"--v_pred_like_loss: {self.v_pred_like_loss} is negative; "
+                            "give a weight >= 0 (0.1-0.5 are typical)")
         low, high = MODE_SCALE_RANGE
         if not low <= self.mode_scale <= high:
             raise UserError(f"--mode_scale: {self.mode_scale} is outside [{low}, {high:.4f}], where the mode sampler "
@@ -229,7 +232,8 @@ class LossConfig:
             raise UserError("--loss_map_unbiased: needs --loss_map_mix > 0, or bins the map never visits get "
                             "infinite importance weights; use the default 0.1")
         if not 0 < self.loss_map_update_rate <= 1:
-            raise UserError(f"--loss_map_update_rate: {self.loss_map_update_rate} is outside (0, 1]; 0.5 is the default")
+            raise UserError(f"--loss_map_update_rate: {self.loss_map_update_rate} is outside (0, 1]; "
+                            "0.5 is the default")
         if self.timestep_clusters < 0:
             raise UserError(f"--timestep_clusters: {self.timestep_clusters} is negative; 0 turns it off, 10 is typical")
         if self.timestep_clusters > NUM_TRAIN_TIMESTEPS:
@@ -247,19 +251,23 @@ class LossConfig:
         if self.noise_offset is not None and self.noise_offset < 0:
             raise UserError(f"--noise_offset: {self.noise_offset} is negative; 0.0357-0.1 are typical")
         if self.multires_noise_iterations is not None and self.multires_noise_iterations < 1:
-            raise UserError(f"--multires_noise_iterations: {self.multires_noise_iterations} is below 1; 6-10 are typical")
+            raise UserError(f"--multires_noise_iterations: {self.multires_noise_iterations} is below 1; "
+                            "6-10 are typical")
         if not 0 < self.multires_noise_discount <= 1:
-            raise UserError(f"--multires_noise_discount: {self.multires_noise_discount} is outside (0, 1]; 0.3 is the default")
+            raise UserError(f"--multires_noise_discount: {self.multires_noise_discount} is outside (0, 1]; "
+                            "0.3 is the default")
         if self.ip_noise_gamma is not None and self.ip_noise_gamma < 0:
             raise UserError(f"--ip_noise_gamma: {self.ip_noise_gamma} is negative; 0.1 is typical")
         if self.noise_offset is not None and self.multires_noise_iterations is not None:
-            raise UserError("--noise_offset and --multires_noise_iterations: cannot be used together (KS rule); keep one")
+            raise UserError("--noise_offset and --multires_noise_iterations: cannot be used together (KS rule); "
+                            "keep one")
         # family and prediction type
         if kind == "ddpm":
             if self.weighting_scheme not in ("uniform", "none"):
-                raise UserError(f"--weighting_scheme {self.weighting_scheme}: is an SD3 (flow) option, not for {self.family}; "
-                                + ("use --timestep_sampling " + self.weighting_scheme if self.weighting_scheme in SCHEME_SAMPLERS
-                                   else "remove it (for DDPM, --min_snr_gamma or --debiased_estimation_loss weight timesteps)"))
+                fix = (f"use --timestep_sampling {self.weighting_scheme}" if self.weighting_scheme in SCHEME_SAMPLERS
+                       else "remove it (for DDPM, --min_snr_gamma or --debiased_estimation_loss weight timesteps)")
+                raise UserError(f"--weighting_scheme {self.weighting_scheme}: is an SD3 (flow) option, not for "
+                                f"{self.family}; {fix}")
             if self.timestep_shift != 1.0:
                 raise UserError(f"--timestep_shift: shifts flow σ (SD3) and does not apply to {self.family}; "
                                 "use --timestep_sampling shift --discrete_flow_shift S to shift DDPM timesteps")
@@ -318,7 +326,8 @@ class LossConfig:
                        "ss_loss_map_base_sampling": self.loss_map_base_sampling})
             md.update({f"ss_{n}": getattr(self, n) for n in _SAMPLER_PARAMETERS.get(self.loss_map_base_sampling, ())})
         if self.needs_loss_map:
-            md.update({"ss_loss_map_update_rate": self.loss_map_update_rate, "ss_loss_map_record": self.loss_map_record})
+            md.update({"ss_loss_map_update_rate": self.loss_map_update_rate,
+                       "ss_loss_map_record": self.loss_map_record})
         if self.loss_type == "combined":
             md.update({"ss_loss_weights": format_loss_weights(self.loss_weights), "ss_cosine_dim": self.cosine_dim})
         if self.loss_type == "ew":
@@ -354,7 +363,7 @@ def _positive(name: str, value: float) -> None:
         raise UserError(f"--{name}: {value} is not a finite number > 0; give a positive number ({hint})")
 
 
-def _resolve_sampling(sampling: str, scheme: str, kind: str) -> str:
+def _resolve_sampling(sampling: str, scheme: str) -> str:
     """KS SD3 compatibility: --weighting_scheme logit_normal | mode selects that sampler; a different explicit
     --timestep_sampling is a conflict (loss_map may use the scheme as its base sampler)."""
     if scheme not in SCHEME_SAMPLERS:
@@ -367,11 +376,6 @@ def _resolve_sampling(sampling: str, scheme: str, kind: str) -> str:
                     f"--timestep_sampling {sampling}; keep one of them")
 
 
-def _check_model_flags(args: argparse.Namespace, kind: str, family: str) -> None:
-    if kind == "flow" and getattr(args, "v_parameterization", False):
-        raise UserError("--v_parameterization: SD3 is trained with flow matching (velocity target); remove it")
-
-
 def _differs(given: dict, name: str) -> bool:
     """Whether a flag holds something other than its default (None counts as the default)."""
     value = given.get(name)
@@ -382,23 +386,20 @@ def _differs(given: dict, name: str) -> bool:
     return value != _DEFAULTS[name]
 
 
-def _check_unused(given: dict) -> None:
-    """Reject flags given with a non-default value that nothing would read (silent ignores are bugs, §0)."""
+def _check_unused(given: dict, cfg: LossConfig) -> None:
+    """Reject flags given with a non-default value that nothing in ``cfg`` would read (silent ignores are bugs,
+    §0). ``given`` holds the raw flag values, ``cfg`` the resolved configuration."""
     def reject(name: str, why: str) -> None:
         if _differs(given, name):
             raise UserError(f"--{name}: has no effect {why}; remove it")
 
-    sampling = given.get("timestep_sampling") or "uniform"
-    scheme = given.get("weighting_scheme") or "uniform"
-    effective = scheme if scheme in SCHEME_SAMPLERS and sampling == "uniform" else sampling
-    base = scheme if scheme in SCHEME_SAMPLERS else "uniform"
-    used = set(_SAMPLER_PARAMETERS.get(effective, ()))
-    if effective == "loss_map":
-        used |= set(_SAMPLER_PARAMETERS.get(base, ()))
+    sampling, loss_type = cfg.timestep_sampling, cfg.loss_type
+    used = set(_SAMPLER_PARAMETERS.get(sampling, ()))
+    if sampling == "loss_map":
+        used |= set(_SAMPLER_PARAMETERS.get(cfg.loss_map_base_sampling, ()))
     for name in sorted({n for params in _SAMPLER_PARAMETERS.values() for n in params} - used):
-        reject(name, f"with --timestep_sampling {effective}"
+        reject(name, f"with --timestep_sampling {sampling}"
                      + (f" (it is read by --timestep_sampling {_reader(name)})" if _reader(name) else ""))
-    loss_type = given.get("loss_type") or "l2"
     if loss_type not in THRESHOLD_LOSS_TYPES:
         for name in ("huber_c", "huber_scale", "huber_schedule"):
             reject(name, f"with --loss_type {loss_type} (only huber and smooth_l1 use it)")
@@ -407,21 +408,21 @@ def _check_unused(given: dict) -> None:
             reject(name, f"with --loss_type {loss_type} (only combined uses it)")
     if loss_type != "ew":
         reject("ew_boundary_shift", f"with --loss_type {loss_type} (only ew uses it)")
-    if effective != "loss_map":
+    if sampling != "loss_map":
         for name in ("loss_map_mix", "loss_map_unbiased"):
             reject(name, "without --timestep_sampling loss_map")
-    if effective != "loss_map" and not given.get("loss_map_offset") and loss_type != "ew":
+    if not cfg.needs_loss_map:
         for name in ("loss_map_update_rate", "loss_map_record"):
             reject(name, "without a loss map (--timestep_sampling loss_map, --loss_map_offset or --loss_type ew)")
-    if not given.get("timestep_clusters"):
+    if not cfg.timestep_clusters:
         reject("cluster_lr_schedule", "without --timestep_clusters K")
-    if given.get("noise_offset") is None:
+    if not cfg.noise_offset:
         reject("noise_offset_random_strength", "without --noise_offset")
-        if given.get("adaptive_noise_scale") is not None:
+        if cfg.adaptive_noise_scale is not None:
             raise UserError("--adaptive_noise_scale: needs --noise_offset (KS rule); add --noise_offset or remove it")
-    if given.get("multires_noise_iterations") is None:
+    if cfg.multires_noise_iterations is None:
         reject("multires_noise_discount", "without --multires_noise_iterations")
-    if not given.get("ip_noise_gamma"):
+    if not cfg.ip_noise_gamma:
         reject("ip_noise_gamma_random_strength", "without --ip_noise_gamma")
 
 

@@ -102,7 +102,8 @@ def multires_noise(noise: Tensor, generator: torch.Generator, iterations: int, d
     return (out / std).to(noise.dtype)
 
 
-def input_perturbation(noise: Tensor, generator: torch.Generator, gamma: float, random_strength: bool = False) -> Tensor:
+def input_perturbation(noise: Tensor, generator: torch.Generator, gamma: float,
+                       random_strength: bool = False) -> Tensor:
     """ε + γ·ξ, ξ ~ N(0, 1): the noise used to build the noisy input under ``--ip_noise_gamma`` (Ning et al.
     2023, "Input Perturbation Reduces Exposure Bias"); the target keeps the unperturbed ε. With
     ``random_strength`` γ is scaled by U(0, 1) per sample (KS: once per batch)."""

@@ -169,7 +169,8 @@ class Beta:
     def density(self, u: Tensor) -> Tensor:
         u = u.double()
         log_norm = math.lgamma(self.alpha) + math.lgamma(self.beta) - math.lgamma(self.alpha + self.beta)
-        log_p = (self.alpha - 1) * torch.log(u.clamp_min(_TINY)) + (self.beta - 1) * torch.log1p(-u.clamp(max=1 - 1e-16))
+        log_p = ((self.alpha - 1) * torch.log(u.clamp_min(_TINY))
+                 + (self.beta - 1) * torch.log1p(-u.clamp(max=1 - 1e-16)))
         return torch.exp(log_p - log_norm)
 
 

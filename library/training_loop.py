@@ -276,6 +276,8 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
             module.to(dtype=dtype)
 
     # Latents (and text-encoder outputs) are cached once, before training; the main process writes disk caches.
+    # VAE sampling draws from the global RNG: seed it so cached latents are the same in every run and rank.
+    torch.manual_seed(plan.seed)
     if args.cache_latents:
         _cache_latents(args, adapter, models, group, accelerator)
     if getattr(args, "cache_text_encoder_outputs", False) or getattr(args, "cache_text_encoder_outputs_to_disk", False):

@@ -2,8 +2,8 @@
 
 "x0-space" defines the SNR weights for every prediction type: the weighted objective is w0(SNR)·‖x̂0 − x0‖².
 A model's own squared error converts to x0-space by the factor 1/SNR (ε), 1/(SNR + 1) (v), σ² (flow velocity)
-or 1 (x0, preconditioned flow). All weights are functions of [B] tensors in their dtype (fp32 in training, fp64 in tests and tools; no
-fp64 on the device, which some backends lack), finite for every SNR ≥ 0
+or 1 (x0, preconditioned flow). All weights are functions of [B] tensors in their dtype (fp32 in training,
+fp64 in tests and tools; no fp64 on the device, which some backends lack), finite for every SNR ≥ 0
 (zero terminal SNR included) and every σ ∈ [1/T, 1].
 
 Prediction types: "epsilon", "v_prediction" (DDPM), "flow" (velocity), "flow_x0" (``--precondition_outputs``).

@@ -63,6 +63,8 @@ def test_same_key_same_draws_and_ranks_differ(family, prediction):
     assert not torch.equal(a.sample_noise(x, 17, 1), other_rank.sample_noise(x, 17, 1))
     assert not torch.equal(la.u, a.sample_levels(17, 4, 0).u)  # another micro-batch of the same step
     assert not torch.equal(la.u, a.sample_levels(18, 4, 1).u)
+    # sample i is draw i of its key: a larger batch starts with the same samples
+    assert torch.equal(a.sample_levels(17, 9, 1).u[:4], la.u)
 
 
 def test_resume_continues_exactly():

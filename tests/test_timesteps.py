@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
-from scipy.special import expit, logit
+from scipy.special import logit
 
 from library import timesteps as T
 from library.schedules import DDPMSchedule, FlowSchedule, TimestepRange, sd_alphas_cumprod

@@ -55,9 +55,12 @@ def test_missing_and_invalid_config_file(tmp_path):
         train_util.parse_args("sd1", ["--config_file", path])
 
 
-def test_snr_gamma_alias():
+def test_snr_gamma_alias(tmp_path):
     args = train_util.parse_args("sd1", ["--snr_gamma", "5"])
     assert args.min_snr_gamma == 5
+    path = write(tmp_path, "snr_gamma = 3.0\ntraining_shift = 3.0\n")
+    args = train_util.parse_args("sd3", ["--config_file", path])
+    assert args.min_snr_gamma == 3.0 and args.timestep_shift == 3.0
 
 
 def test_family_specific_flags():
