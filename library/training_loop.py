@@ -591,28 +591,24 @@ def _save_state(run: Run, folder: str) -> None:
 
 
 def _maybe_save_every_n_steps(run: Run) -> None:
-    args, state = run.args, run.state
-    if not args.save_every_n_steps or state.step % args.save_every_n_steps or state.step >= args.max_train_steps:
-        return
-    run.accelerator.wait_for_everyone()
-    if run.accelerator.is_main_process:
-        name = checkpointing.step_name(args.output_name, state.step)
-        _save_lora(run, name)
-        if args.save_state:
-            _save_state(run, os.path.join(args.output_dir, name + "-state"))
-        checkpointing.remove_old_saves(args.output_dir, args.output_name, args.save_last_n_steps, state.step,
-                                       "step", args.save_every_n_steps)
+    args, step = run.args, run.state.step
+    if args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < args.max_train_steps:
+        _save_checkpoint(run, checkpointing.step_name(args.output_name, step), "step", step,
+                         args.save_last_n_steps, args.save_every_n_steps)
 
 
 def _maybe_save_every_n_epochs(run: Run, num_epochs: int) -> None:
-    args, state = run.args, run.state
-    if not args.save_every_n_epochs or state.epoch % args.save_every_n_epochs or state.epoch >= num_epochs:
-        return
+    args, epoch = run.args, run.state.epoch
+    if args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 and epoch < num_epochs:
+        _save_checkpoint(run, checkpointing.epoch_name(args.output_name, epoch), "epoch", epoch,
+                         args.save_last_n_epochs, args.save_every_n_epochs)
+
+
+def _save_checkpoint(run: Run, name: str, by: str, count: int, keep_last_n: int | None, every: int) -> None:
+    """An intermediate save: the LoRA, its state with --save_state, and old saves pruned (--save_last_n_*)."""
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
-        name = checkpointing.epoch_name(args.output_name, state.epoch)
         _save_lora(run, name)
-        if args.save_state:
-            _save_state(run, os.path.join(args.output_dir, name + "-state"))
-        checkpointing.remove_old_saves(args.output_dir, args.output_name, args.save_last_n_epochs, state.epoch,
-                                       "epoch", args.save_every_n_epochs)
+        if run.args.save_state:
+            _save_state(run, os.path.join(run.args.output_dir, name + "-state"))
+        checkpointing.remove_old_saves(run.args.output_dir, run.args.output_name, keep_last_n, count, by, every)

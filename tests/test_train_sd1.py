@@ -241,3 +241,13 @@ def test_truncated_image_is_named(sd15, tmp_path):
     (folder / "img00.png").write_bytes(data[: len(data) // 2])
     result = run_script("train_network.py", base_argv(sd15, str(tmp_path / "trunc"), str(tmp_path / "out")))
     assert "img00.png" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_intermediate_saves_follow_ks_names_and_pruning(sd15, dataset, tmp_path):
+    """4 batches an epoch, 10 steps: step saves every 2 keeping the last 4 steps' worth, epoch saves every epoch
+    keeping the last one; KS file names."""
+    run_inprocess("sd1", base_argv(sd15, dataset, str(tmp_path), steps=10, train_batch_size=1, save_every_n_steps=2,
+                                   save_last_n_steps=4, save_every_n_epochs=1, save_last_n_epochs=1))
+    files = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))
+    assert files == sorted(["lora-000002.safetensors", "lora-00000006.safetensors", "lora-00000008.safetensors",
+                            "lora.safetensors"])
