@@ -195,21 +195,26 @@ def epoch_batches(group, epoch: int, rank: int, world_size: int) -> list[tuple[i
     return rank_batches(list(enumerate(group.make_batches(epoch + 1))), rank, world_size)
 
 
-def all_reduce_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
-    """Average the LoRA gradients over ranks with one all-reduce of a flat buffer."""
+def all_reduce_gradients(params: list[torch.nn.Parameter], world_size: int, stop_vote: float = 0.0) -> float:
+    """Average the LoRA gradients over ranks with one all-reduce of a flat buffer.
+
+    The buffer carries one more number, this rank's Ctrl-C vote, so every rank learns in the same step whether any
+    rank was interrupted and all stop together. Returns the summed votes."""
     if world_size <= 1:
-        return
+        return stop_vote
     import torch.distributed as dist
 
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([stop_vote], device=grads[0].device)])
     dist.all_reduce(flat)
-    flat /= world_size
+    votes = flat[-1].item()
+    flat = flat[:-1] / world_size
     offset = 0
     for p, g in zip(params, grads):
         n = g.numel()
         p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
         offset += n
+    return votes
 
 
 def check_ranks_agree(run: "Run") -> None:
@@ -248,6 +253,29 @@ class Run:
     engine: Any
     state: TrainState
     metadata: dict = field(default_factory=dict)
+    interrupted: list | None = None
+
+
+class _deferred_interrupt:
+    """The first Ctrl-C is noted and acted on at the next step boundary (save, then exit); a second one stops at
+    once. Yields a one-element list that holds whether Ctrl-C was pressed."""
+
+    def __enter__(self) -> list:
+        import threading
+        self.flag = [False]
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            def handler(signum, frame):
+                if self.flag[0]:
+                    raise KeyboardInterrupt
+                self.flag[0] = True
+                print("\nCtrl-C: finishing this step, then saving the LoRA and the state (Ctrl-C again to stop now)")
+            self.previous = signal.signal(signal.SIGINT, handler)
+        return self.flag
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
@@ -331,7 +359,9 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
               f"per process, {args.max_train_steps} steps, {world_size} process(es)")
 
     try:
-        _loop(run, steps_per_epoch, micro_per_epoch, num_epochs)
+        with _deferred_interrupt() as interrupted:
+            run.interrupted = interrupted
+            _loop(run, steps_per_epoch, micro_per_epoch, num_epochs)
     except KeyboardInterrupt:
         if accelerator.is_main_process:
             name = checkpointing.step_name(args.output_name, run.state.step)
@@ -385,7 +415,7 @@ def _loop(run: Run, steps_per_epoch: int, micro_per_epoch: int, num_epochs: int)
             cluster = engine.cluster_for_step(state.step)
             if cluster is not None:  # the timestep-clustered optimizer steps only this cluster's state (spec §6)
                 _raw_optimizer(run.optimizer).set_cluster(cluster)
-            all_reduce_gradients(params, world_size)
+            stop_votes = all_reduce_gradients(params, world_size, float(bool(run.interrupted and run.interrupted[0])))
             if args.max_grad_norm:
                 accelerator.clip_grad_norm_(params, args.max_grad_norm)
             run.optimizer.step()
@@ -407,6 +437,8 @@ def _loop(run: Run, steps_per_epoch: int, micro_per_epoch: int, num_epochs: int)
             if accelerator.log_with:
                 accelerator.log(logs, step=state.step)
             _maybe_save_every_n_steps(run)
+            if stop_votes > 0:
+                raise KeyboardInterrupt  # at a step boundary, on every rank, so the saved state is consistent
             if state.step >= args.max_train_steps:
                 break
         if state.micro_in_epoch >= len(batches):

@@ -1,5 +1,6 @@
 """Two processes on CPU (accelerate launch --multi_gpu --num_processes 2): both ranks end with identical LoRA
-weights and loss maps, and the result differs from one process only by the data each rank saw."""
+weights and loss maps (with the loss-map sampler and the timestep-clustered optimizer, whose states would drift
+apart if the ranks disagreed on a step's cluster)."""
 import os
 import subprocess
 import sys
@@ -12,8 +13,8 @@ from tests.train_helpers import ROOT, base_argv, lora_tensors, make_images, save
 def test_two_processes_train_identical_weights(tmp_path):
     model = save_tiny_sd15(str(tmp_path / "model"))
     make_images(str(tmp_path / "data" / "2_sks photo"), 2)
-    argv = base_argv(model, str(tmp_path / "data"), str(tmp_path / "out"), steps=3, timestep_sampling="loss_map",
-                     cache_latents=True)
+    argv = base_argv(model, str(tmp_path / "data"), str(tmp_path / "out"), steps=4, timestep_sampling="loss_map",
+                     timestep_clusters=2, cache_latents=True)
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(ROOT, "train_network.py"), *argv]

@@ -251,3 +251,31 @@ def test_intermediate_saves_follow_ks_names_and_pruning(sd15, dataset, tmp_path)
     files = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))
     assert files == sorted(["lora-000002.safetensors", "lora-00000006.safetensors", "lora-00000008.safetensors",
                             "lora.safetensors"])
+
+
+def test_ctrl_c_saves_lora_and_state(sd15, dataset, tmp_path):
+    import signal
+    import subprocess
+    import time
+    from tests.train_helpers import PYTHON, ROOT
+
+    argv = base_argv(sd15, dataset, str(tmp_path), steps=100000, train_batch_size=1)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
+    proc = subprocess.Popen([PYTHON, os.path.join(ROOT, "train_network.py"), *argv], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    seen = ""
+    while time.time() < deadline and "loss=" not in seen:  # wait until steps are running
+        seen += proc.stderr.read(64)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    saved = [f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]
+    states = [f for f in os.listdir(tmp_path) if f.endswith("-state")]
+    assert len(saved) == 1 and len(states) == 1, os.listdir(tmp_path)
+    assert "--resume" in out and states[0] in out
+    step = int(states[0].split("-")[1])
+    assert step >= 1
+    import json
+    with open(os.path.join(tmp_path, states[0], "train_state.json")) as f:
+        assert json.load(f)["step"] == step
