@@ -74,7 +74,7 @@ def parse_prompt_line(line: str, where: str = "prompt") -> dict[str, Any]:
     The text before the first `` --`` is the prompt; each `` --x value`` sets one option (case-insensitive
     letters: n negative prompt, w width, h height, s steps, d seed, l / cfg CFG scale, g / cfgr guidance rescale,
     ss sampler). Unlike KS, an unknown option or a bad number is an error, not a silently ignored part."""
-    parts = line.strip().split(" --")
+    parts = (" " + line.strip()).split(" --")  # the leading space lets a line start with an option
     values: dict[str, Any] = {"prompt": parts[0].strip()}
     for part in parts[1:]:
         key, _, raw = part.strip().partition(" ")
@@ -155,7 +155,8 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "heun": ("HeunDiscreteScheduler", {}),
     "dpm_2": ("KDPM2DiscreteScheduler", {}),
     "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
+    # diffusers deprecates first-order "dpmsolver" (still works) and needs sigma_min as its final sigma
+    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
     "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
 }

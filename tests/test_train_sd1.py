@@ -279,3 +279,19 @@ def test_ctrl_c_saves_lora_and_state(sd15, dataset, tmp_path):
     import json
     with open(os.path.join(tmp_path, states[0], "train_state.json")) as f:
         assert json.load(f)["step"] == step
+
+
+@pytest.mark.parametrize("dim_from_weights", [False, True])
+def test_network_weights_start_from_an_existing_lora(sd15, dataset, tmp_path, dim_from_weights):
+    first = run_inprocess("sd1", base_argv(sd15, dataset, str(tmp_path / "a"), steps=2,
+                                           network_args=["conv_dim=2", "conv_alpha=1"]))
+    argv = base_argv(sd15, dataset, str(tmp_path / "b"), steps=1, network_weights=first,
+                     dim_from_weights=dim_from_weights)
+    argv[argv.index("--learning_rate") + 1] = "1e-12"  # one step that cannot move the weights visibly
+    if not dim_from_weights:
+        argv += ["--network_args", "conv_dim=2", "conv_alpha=1"]
+    second = run_inprocess("sd1", argv)
+    a, b = lora_tensors(first), lora_tensors(second)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
