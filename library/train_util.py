@@ -199,7 +199,7 @@ def _actions_by_dest(parser: argparse.ArgumentParser) -> dict[str, argparse.Acti
     return {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
 
 
-def _actions_by_key(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+def actions_by_key(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     """TOML key -> action: every flag name without its dashes, so aliases (snr_gamma, training_shift) work too."""
     return {opt.lstrip("-"): a for a in parser._actions if a.dest != "help" for opt in a.option_strings}
 
@@ -208,7 +208,7 @@ def config_to_argv(config: dict[str, Any], parser: argparse.ArgumentParser, wher
     """Turn TOML values into command-line tokens, checking each against its flag's type and choices.
 
     Errors name the file and the key; unknown keys suggest the closest valid one."""
-    actions = _actions_by_key(parser)
+    actions = actions_by_key(parser)
     argv: list[str] = []
     for key, value in config.items():
         action = actions.get(key)

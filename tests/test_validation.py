@@ -53,18 +53,24 @@ def test_when_to_validate_follows_ks():
 
 # ------------------------------------------------------------------------------------------------------------ tiny sd1
 @pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
+def workspace(tmp_path_factory):
+    """A tiny SD1.5 (root/model), 2 training and 3 validation images, and root/ds.toml marking the latter is_val."""
     root = tmp_path_factory.mktemp("validation")
-    model = save_tiny_sd15(str(root / "model"))
+    save_tiny_sd15(str(root / "model"))
     make_images(str(root / "train"), 2, seed=0)
     make_images(str(root / "val"), 3, seed=1)
     toml = root / "ds.toml"
     toml.write_text(f'[general]\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 64\nbatch_size = 2\n'
                     f'  [[datasets.subsets]]\n  image_dir = "{root / "train"}"\n'
                     f'  [[datasets.subsets]]\n  image_dir = "{root / "val"}"\n  is_val = true\n')
-    group = build_dataset_group(DatasetOptions(dataset_config=str(toml)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def sd1(workspace):
+    group = build_dataset_group(DatasetOptions(dataset_config=str(workspace / "ds.toml")))
     adapter = get_adapter("sd1")
-    models = adapter.load(ModelOptions(model))
+    models = adapter.load(ModelOptions(str(workspace / "model")))
     engine = make_engine(alphas_cumprod=models.alphas_cumprod)
     return group, adapter, models, engine
 
@@ -98,7 +104,7 @@ def test_validation_set_is_built_from_the_held_out_images(sd1):
 
 def test_validation_loss_is_reproducible_and_independent_of_batch_size_and_process_split(sd1):
     group, adapter, models, engine = sd1
-    network = make_network(models)
+    network = make_network(models, dropout=0.5)  # only eval mode makes the dropout irrelevant
     try:
         check_reproducible(group, adapter, models, engine, network)
     finally:
@@ -108,7 +114,12 @@ def test_validation_loss_is_reproducible_and_independent_of_batch_size_and_proce
 def check_reproducible(group, adapter, models, engine, network):
     vset = ValidationSet.build(group, adapter, models, engine, seed=5, num_levels=4)
     condition = text_conditioning(adapter, models)
+    rng_state = torch.get_rng_state()
     first = vset.compute(adapter, models, engine, condition, batch_size=1, network=network)
+    assert torch.equal(rng_state, torch.get_rng_state()) and network.training
+    for module in network.modules():  # the same weights without dropout: the same number (eval mode)
+        if hasattr(module, "dropout"):
+            module.dropout = None
     assert set(first) == {"loss/validation", "loss/validation_weighted", *[f"loss/validation/bin_{k:02d}" for k in range(4)]}
     assert first == vset.compute(adapter, models, engine, condition, batch_size=1, network=network)  # exactly
     assert first["loss/validation"] == pytest.approx(sum(first[f"loss/validation/bin_{k:02d}"] for k in range(4)) / 4)
@@ -198,3 +209,74 @@ def test_no_validation_images_is_a_user_error(sd1, tmp_path):
     group = build_dataset_group(DatasetOptions(train_data_dir=str(tmp_path), resolution=64, caption_extension=".txt"))
     with pytest.raises(UserError, match="--validation_split"):
         ValidationSet.build(group, adapter, models, engine, seed=0)
+
+
+@pytest.mark.parametrize("family, prediction", [("sdxl", "epsilon"), ("sd3", "flow_x0")])
+def test_validation_for_sdxl_and_sd3(workspace, tmp_path, family, prediction):
+    """SDXL needs the per-sample size conditioning of the batch; SD3 with --precondition_outputs compares x̂0."""
+    from library.tiny_models import build_sd3, build_sdxl
+
+    (build_sdxl(0) if family == "sdxl" else build_sd3(0, with_t5=False)).save_pretrained(str(tmp_path / "model"))
+    adapter = get_adapter(family)
+    models = adapter.load(ModelOptions(str(tmp_path / "model"), precondition_outputs=prediction == "flow_x0"))
+    engine = make_engine(family, prediction, alphas_cumprod=models.alphas_cumprod, min_snr_gamma=1.0)
+    group = build_dataset_group(DatasetOptions(dataset_config=str(workspace / "ds.toml")))
+    vset = ValidationSet.build(group, adapter, models, engine, seed=5, num_levels=3)
+    assert all("original_sizes" in item.extras for item in vset.items)
+    condition = text_conditioning(adapter, models)
+    logs = vset.compute(adapter, models, engine, condition)
+    assert logs == vset.compute(adapter, models, engine, condition)
+    assert logs["loss/validation"] > 0 and len(logs) == 5
+    # min-SNR γ = 1 weights differ from 1 at the least noisy level, so the weighted objective differs from the MSE
+    assert abs(logs["loss/validation_weighted"] - logs["loss/validation"]) > 1e-3
+
+
+TWO_PROCESS_SCRIPT = '''
+import json, sys
+import torch
+from accelerate import Accelerator
+from library.data import DatasetOptions, build_dataset_group
+from library.engine import LossEngine
+from library.families import get_adapter
+from library.families.base import ModelOptions
+from library.loss_config import LossConfig
+from library.validation import ValidationSet, text_conditioning
+
+model, toml, out = sys.argv[1:4]
+accelerator = Accelerator(cpu=True)
+group = build_dataset_group(DatasetOptions(dataset_config=toml))
+adapter = get_adapter("sd1")
+models = adapter.load(ModelOptions(model))
+engine = LossEngine(LossConfig(), "ddpm", "epsilon", models.alphas_cumprod, seed=1, rank=accelerator.process_index,
+                    world_size=accelerator.num_processes, max_train_steps=10)
+vset = ValidationSet.build(group, adapter, models, engine, seed=5, num_levels=4)
+logs = vset.compute(adapter, models, engine, text_conditioning(adapter, models), accelerator, batch_size=1)
+with open(f"{out}.{accelerator.process_index}.json", "w") as f:
+    json.dump(logs, f)
+'''
+
+
+def test_two_real_processes_agree_with_one(sd1, workspace, tmp_path):
+    """accelerate launch with 2 CPU processes (~10 s): both ranks log the same numbers, equal to one process
+    (up to fp32 differences from the thread count inside the UNet)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.train_helpers import ROOT
+
+    group, adapter, models, engine = sd1
+    model, toml = str(workspace / "model"), str(workspace / "ds.toml")
+    script = tmp_path / "validate.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", str(script), model, toml, str(tmp_path / "logs")]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"logs.{r}.json").read_text()) for r in (0, 1))
+    assert rank0 == rank1
+    vset = ValidationSet.build(group, adapter, models, engine, seed=5, num_levels=4)
+    single = vset.compute(adapter, models, engine, text_conditioning(adapter, models), batch_size=1)
+    assert rank0 == pytest.approx(single, rel=1e-6)

@@ -66,36 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
-    """The keys of a training TOML this tool knows, as command-line tokens (checked like the command line)."""
-    known = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config_file")}
-    try:
-        from library.train_util import config_to_argv, load_config_file
-    except ImportError:  # the trainer's config layer is not there: flat TOML keys, sections ignored
-        config_to_argv = load_config_file = None
-    if load_config_file is not None:
-        config = load_config_file(path)
-    else:
-        import tomllib
+    """The keys of a training TOML this tool knows, as command-line tokens (checked like the command line);
+    keys only the trainer knows (network, data, ...) are skipped."""
+    from library.train_util import actions_by_key, config_to_argv, load_config_file
 
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise UserError(f"--config_file: cannot read {path}: {e}") from None
-        config = {}
-        for key, value in data.items():
-            config.update(value if isinstance(value, dict) else {key: value})
-    config = {k: v for k, v in config.items() if k in known}
-    if config_to_argv is not None:
-        return config_to_argv(config, parser, f"--config_file {path}")
-    argv = []
-    for key, value in config.items():
-        flag = known[key].option_strings[0]
-        if isinstance(value, bool):
-            argv += [flag] if value else []
-        else:
-            argv += [flag, str(value)]
-    return argv
+    known = actions_by_key(parser)
+    config = {k: v for k, v in load_config_file(path).items() if k in known and k != "config_file"}
+    return config_to_argv(config, parser, f"--config_file {path}")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -233,6 +210,7 @@ def draw(path: str, engine: LossEngine, table: dict, levels: NoiseLevels, densit
     ax = axes[0, 1]
     ax.plot(index, density, color="black")
     ax.set_title("sampling density (× T)")
+    ax.set_ylim(0, max(float(density.max()) * 1.1, 1e-9))  # a flat density must not zoom into rounding noise
     ax = axes[0, 2]
     ax.plot(index, weight, color="tab:red")
     if weight.max() / max(weight.min(), 1e-300) > 100:
@@ -241,6 +219,7 @@ def draw(path: str, engine: LossEngine, table: dict, levels: NoiseLevels, densit
     ax = axes[1, 0]
     ax.plot(index, effective, color="tab:purple")
     ax.set_title("effective weight = density × weights (mean 1)")
+    ax.set_ylim(0, max(float(effective.max()) * 1.1, 1e-9))
     ax = axes[1, 1]
     if table["huber_c"] is not None:
         ax.plot(index, table["huber_c"].double().numpy(), color="tab:green")
