@@ -7,6 +7,7 @@ State folder (KS names: `{output_name}-{step:08d}-state`, `{output_name}-{epoch:
     engine.pt                  loss-engine state (loss maps, metrics EMA), tensors and numbers only
     loss_map.safetensors       the Timestep Attention map as a tensor named `loss_map` (when one is used)
     scaler.pt                  fp16 grad-scaler state (when used)
+    metrics.pt                 the always-on loss curves (normalised-loss EMA map, per-band EMAs, heatmap rows)
     train_state.json           step, epoch, position in the epoch, seed, world size
 Every file is written to a temporary name and renamed, and the folder itself is assembled under a temporary name
 and renamed last, so an interrupted save never leaves a torn state that `--resume` would trust.
@@ -52,7 +53,7 @@ def atomic_torch_save(obj: Any, path: str) -> None:
 
 def save_state(folder: str, *, network_state: dict[str, torch.Tensor], optimizer_state: dict, scheduler_state: dict,
                engine_state: dict, train_state: TrainState, scaler_state: dict | None = None,
-               loss_map: torch.Tensor | None = None) -> None:
+               loss_map: torch.Tensor | None = None, metrics_state: dict | None = None) -> None:
     """Write a complete state folder atomically (assembled as `<folder>.tmp`, then renamed)."""
     tmp = folder.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -64,6 +65,8 @@ def save_state(folder: str, *, network_state: dict[str, torch.Tensor], optimizer
     torch.save(engine_state, os.path.join(tmp, "engine.pt"))
     if scaler_state is not None:
         torch.save(scaler_state, os.path.join(tmp, "scaler.pt"))
+    if metrics_state is not None:
+        torch.save(metrics_state, os.path.join(tmp, "metrics.pt"))
     if loss_map is not None:
         save_file({"loss_map": loss_map.detach().float().cpu().contiguous()}, os.path.join(tmp, "loss_map.safetensors"))
     with open(os.path.join(tmp, "train_state.json"), "w") as f:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -259,6 +259,20 @@ class LossMetrics:
             getattr(self, name).copy_(sd[name])
         self.heatmap_steps = [int(s) for s in sd["heatmap_steps"].tolist()]
         self.heatmap_rows = [row.clone().double() for row in sd["heatmap_rows"]]
+
+
+def gathered_samples(bins: Tensor, losses: Tensor, gather: Callable[[Tensor], Tensor] | None) -> tuple[Tensor, Tensor]:
+    """Every rank's (bins, losses), concatenated in rank order; ``gather`` is accelerator.gather (None: one
+    process). Ranks may hold different batch sizes: each pads to the longest with bin −1, dropped afterwards."""
+    bins, losses = bins.detach().reshape(-1).long(), losses.detach().reshape(-1).float()
+    if gather is None:
+        return bins, losses
+    sizes = gather(torch.tensor([bins.numel()], device=bins.device))
+    padding = int(sizes.max()) - bins.numel()
+    bins = gather(torch.nn.functional.pad(bins, (0, padding), value=-1))
+    losses = gather(torch.nn.functional.pad(losses.to(bins.device), (0, padding)))
+    real = bins >= 0
+    return bins[real], losses[real]
 
 
 def histogram_raw_kwargs(counts: np.ndarray, edges: np.ndarray) -> dict[str, Any]:

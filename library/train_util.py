@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import toml
 
 from library.errors import UserError, unknown_key_message
-from library import loss_config
+from library import loss_config, metrics
 from library.losses import conditional_loss  # noqa: F401  (KS facade, re-exported for users' patches)
 
 FAMILIES = ("sd1", "sdxl", "sd3")
@@ -167,6 +167,7 @@ def setup_parser(family: str) -> argparse.ArgumentParser:
     add_network_arguments(parser, family)
     add_training_arguments(parser)
     loss_config.add_arguments(parser)
+    metrics.add_metric_arguments(parser)
     add_config_arguments(parser)
     return parser
 

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from library import checkpointing, metadata as metadata_lib, optimizers
+from library import checkpointing, metadata as metadata_lib, metrics as metrics_lib, optimizers, sampling
+from library import validation as validation_lib
 from library.checkpointing import TrainState
 from library.errors import UserError
 from library.families.base import FamilyAdapter, ModelOptions
@@ -87,8 +88,11 @@ def validate(args: argparse.Namespace, adapter: FamilyAdapter) -> Plan:
             importlib.import_module("wandb")
         except ImportError:
             raise UserError(f"--log_with {args.log_with}: wandb is not installed; pip install wandb or use tensorboard")
-    if args.sample_prompts and not os.path.isfile(args.sample_prompts):
-        raise UserError(f"--sample_prompts: {args.sample_prompts} does not exist")
+    if args.sample_prompts:
+        if not os.path.isfile(args.sample_prompts):
+            raise UserError(f"--sample_prompts: {args.sample_prompts} does not exist")
+        sampling.parse_prompt_file(args.sample_prompts)  # prompt-file mistakes surface before models load
+    metrics_lib.validate_metric_options(args)
     if (args.sample_every_n_steps or args.sample_every_n_epochs) and not args.sample_prompts:
         raise UserError("--sample_every_n_steps/--sample_every_n_epochs need --sample_prompts FILE")
     if args.full_fp16 and args.mixed_precision != "fp16":
@@ -254,6 +258,9 @@ class Run:
     state: TrainState
     metadata: dict = field(default_factory=dict)
     interrupted: list | None = None
+    metrics: Any = None            # LossMetrics: normalised and per-band losses, heatmap
+    validation: Any = None         # ValidationSet, when the dataset holds validation images
+    prompts: list = field(default_factory=list)
 
 
 class _deferred_interrupt:
@@ -347,6 +354,19 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
     started_at = time.time()
     run = Run(args=args, plan=plan, adapter=adapter, accelerator=accelerator, models=models, group=group,
               network=network, optimizer=optimizer, lr_scheduler=lr_scheduler, engine=engine, state=state)
+    run.metrics = metrics_lib.LossMetrics(heatmap_every=args.heatmap_every_n_steps)
+    if args.resume and os.path.isfile(os.path.join(args.resume, "metrics.pt")):
+        run.metrics.load_state_dict(torch.load(os.path.join(args.resume, "metrics.pt"), weights_only=True))
+    if group.validation_items():
+        seed = args.validation_seed if args.validation_seed is not None else plan.seed
+        run.validation = validation_lib.ValidationSet.build(group, adapter, models, engine, seed=seed,
+                                                            num_levels=args.validation_timesteps,
+                                                            batch_size=args.train_batch_size)
+    elif args.validate_every_n_steps or args.validate_every_n_epochs:
+        raise UserError("--validate_every_n_steps/--validate_every_n_epochs: the dataset holds no validation images; "
+                        "add --validation_split 0.1 or an is_val subset in the dataset TOML")
+    if args.sample_prompts:
+        run.prompts = sampling.parse_prompt_file(args.sample_prompts)
     run.metadata = metadata_lib.training_metadata(
         args, adapter.name, num_train_images=group.num_train_images, num_reg_images=group.num_reg_images,
         num_batches_per_epoch=micro_per_epoch, num_epochs=num_epochs, started_at=started_at,
@@ -429,13 +449,20 @@ def _loop(run: Run, steps_per_epoch: int, micro_per_epoch: int, num_epochs: int)
             recent = recent[-100:]
             bar.update(1)
             logs = {"loss/current": loss_value, "loss/average": sum(recent) / len(recent),
-                    **{f"lr/group{i}": g["lr"] for i, g in enumerate(run.optimizer.param_groups)}}
+                    **{f"lr/group{i}": g["lr"] for i, g in enumerate(run.optimizer.param_groups)},
+                    **run.metrics.step_logs(state.step)}
+            if run.validation is not None and validation_lib.due_at_step(state.step, args.validate_every_n_steps):
+                logs.update(_validate(run))
             bar.set_postfix(loss=f"{loss_value:.4f}", avr_loss=f"{logs['loss/average']:.4f}",
+                            norm=f"{logs.get('loss/normalized', float('nan')):.3f}",
                             lr=f"{run.optimizer.param_groups[0]['lr']:.2e}")
             if cluster is not None:
                 logs["optimizer/state_bytes"] = _raw_optimizer(run.optimizer).memory_bytes()
             if accelerator.log_with:
                 accelerator.log(logs, step=state.step)
+                _log_images(run)
+            if args.sample_every_n_steps and state.step % args.sample_every_n_steps == 0:
+                _sample_images(run, sampling.sample_label(step=state.step))
             _maybe_save_every_n_steps(run)
             if stop_votes > 0:
                 raise KeyboardInterrupt  # at a step boundary, on every rank, so the saved state is consistent
@@ -444,11 +471,52 @@ def _loop(run: Run, steps_per_epoch: int, micro_per_epoch: int, num_epochs: int)
         if state.micro_in_epoch >= len(batches):
             state.epoch += 1
             state.micro_in_epoch = 0
+            if run.validation is not None and validation_lib.due_at_epoch_end(state.epoch, args.validate_every_n_epochs) \
+                    and not args.validate_every_n_steps:
+                epoch_logs = _validate(run)
+                if accelerator.log_with:
+                    accelerator.log({**epoch_logs, "epoch": state.epoch}, step=state.step)
+            if args.sample_every_n_epochs and state.epoch % args.sample_every_n_epochs == 0:
+                _sample_images(run, sampling.sample_label(epoch=state.epoch))
             _maybe_save_every_n_epochs(run, num_epochs)
     bar.close()
     raw = _raw_optimizer(run.optimizer)
     if hasattr(raw, "memory_bytes") and accelerator.is_main_process:
         print(f"timestep-clustered optimizer: {raw.num_clusters} states, {raw.memory_bytes() / 2**20:.2f} MiB")
+
+
+def _validate(run: Run) -> dict[str, float]:
+    """The fixed validation loss (all ranks take part; every rank gets the same numbers)."""
+    logs = run.validation.compute(run.adapter, run.models, run.engine,
+                                  validation_lib.text_conditioning(run.adapter, run.models), run.accelerator,
+                                  step=run.state.step, network=run.network)
+    if run.accelerator.is_main_process and "loss/validation" in logs:
+        tqdm.write(f"step {run.state.step}: validation loss {logs['loss/validation']:.5f}")
+    return logs
+
+
+def _log_images(run: Run) -> None:
+    """Tensorboard extras: the timestep histogram every step, the loss heatmap every --heatmap_every_n_steps."""
+    if not run.accelerator.is_main_process or run.args.log_with not in (None, "tensorboard", "all"):
+        return
+    writer = run.accelerator.get_tracker("tensorboard", unwrap=True)
+    counts, edges = run.metrics.timestep_histogram()
+    if counts.sum() > 0:
+        writer.add_histogram_raw("timesteps/sampled", **metrics_lib.histogram_raw_kwargs(counts, edges),
+                                 global_step=run.state.step)
+    if run.state.step % run.args.heatmap_every_n_steps == 0 and len(run.metrics.heatmap_array()[0]):
+        writer.add_image("loss/timestep_heatmap", run.metrics.heatmap_image(), run.state.step, dataformats="HWC")
+
+
+def _sample_images(run: Run, label: str) -> None:
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        paths = sampling.generate_samples(run.adapter, run.models, run.prompts, run.args.output_dir, label,
+                                          run.args.sample_sampler, seed=run.plan.seed,
+                                          output_name=run.args.output_name, network=run.network,
+                                          autocast=run.accelerator.autocast)
+        tqdm.write(f"{label}: {len(paths)} sample image(s) in {os.path.join(run.args.output_dir, 'sample')}")
+    run.accelerator.wait_for_everyone()
 
 
 def _raw_optimizer(optimizer):
@@ -481,7 +549,9 @@ def _forward_backward(run: Run, batch: dict, micro_step: int):
     result = engine.loss(pred.float(), target.float(), levels, step, noisy=noisy,
                          sample_weights=batch["loss_weights"].to(device), mask=None)
     accelerator.backward(result.loss / args.gradient_accumulation_steps)
-    engine.record(result, levels, gather=accelerator.gather if accelerator.num_processes > 1 else None)
+    gather = accelerator.gather if accelerator.num_processes > 1 else None
+    engine.record(result, levels, gather=gather)
+    run.metrics.observe(*metrics_lib.gathered_samples(levels.bins, result.raw.detach(), gather))
     return result, levels
 
 
@@ -619,7 +689,8 @@ def _save_state(run: Run, folder: str) -> None:
                              optimizer_state=run.optimizer.state_dict(),
                              scheduler_state=run.lr_scheduler.state_dict(), engine_state=engine_state,
                              train_state=run.state, scaler_state=scaler,
-                             loss_map=loss_map if isinstance(loss_map, torch.Tensor) else None)
+                             loss_map=loss_map if isinstance(loss_map, torch.Tensor) else None,
+                             metrics_state=run.metrics.state_dict())
 
 
 def _maybe_save_every_n_steps(run: Run) -> None:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from library.errors import UserError
-from library.metrics import (LossMetrics, add_metric_arguments, band_of, debiased_ema_update, histogram_raw_kwargs,
-                             nearest_seen, validate_metric_options)
+from library.metrics import (LossMetrics, add_metric_arguments, band_of, debiased_ema_update, gathered_samples,
+                             histogram_raw_kwargs, nearest_seen, validate_metric_options)
 
 
 def f(t: torch.Tensor) -> torch.Tensor:
@@ -161,6 +161,20 @@ def test_state_dict_round_trip_continues_identically():
     assert np.array_equal(a.heatmap_array()[1], b.heatmap_array()[1], equal_nan=True) and len(b.heatmap_steps) == 5
     with pytest.raises(UserError, match="bins"):
         LossMetrics(num_bins=500).load_state_dict(a.state_dict())
+
+
+def test_gathered_samples_drop_the_padding_of_a_shorter_rank():
+    other_bins, other_losses = torch.tensor([7]), torch.tensor([0.7])  # rank 1 holds one sample, rank 0 two
+
+    def gather(tensor):  # rank 0's view of accelerator.gather: its tensor, then rank 1's padded one
+        if tensor.numel() == 1:
+            return torch.cat([tensor, torch.tensor([1])])
+        other = other_bins if tensor.dtype == torch.long else other_losses
+        return torch.cat([tensor, torch.nn.functional.pad(other, (0, 1), value=-1 if tensor.dtype == torch.long else 0)])
+
+    bins, losses = gathered_samples(torch.tensor([3, 5]), torch.tensor([0.3, 0.5]), gather)
+    assert bins.tolist() == [3, 5, 7] and losses.tolist() == pytest.approx([0.3, 0.5, 0.7])
+    assert gathered_samples(torch.tensor([3]), torch.tensor([0.3]), None)[0].tolist() == [3]
 
 
 # ------------------------------------------------------------------------------------------------------------ flags

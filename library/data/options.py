@@ -42,6 +42,8 @@ class DatasetOptions:
     train_batch_size: int = 1
     max_data_loader_n_workers: int = 8
     seed: int | None = None
+    validation_split: float = 0.0          # KS: share of each --train_data_dir subset held out for validation
+    validation_seed: int | None = None     # KS: the shuffle seed of that split (default: --seed)
     # Not dataset-shape flags, but they decide which augmentations are allowed (checked before any model loads).
     cache_latents: bool = False
     cache_latents_to_disk: bool = False
