@@ -45,12 +45,6 @@ def epoch_name(output_name: str, epoch: int) -> str:
     return f"{output_name}-{epoch:06d}"
 
 
-def atomic_torch_save(obj: Any, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def save_state(folder: str, *, network_state: dict[str, torch.Tensor], optimizer_state: dict, scheduler_state: dict,
                engine_state: dict, train_state: TrainState, scaler_state: dict | None = None,
                loss_map: torch.Tensor | None = None, metrics_state: dict | None = None) -> None:

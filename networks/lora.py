@@ -16,13 +16,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from typing import Callable, Iterable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from library.fileio import atomic_write
 from library.errors import UserError, closest
 from networks.hashing import precalculate_safetensors_hashes
 from networks.lora_keys import (LORA_PREFIX_TEXT_ENCODER, LORA_PREFIX_TEXT_ENCODER1, LORA_PREFIX_TEXT_ENCODER2,
@@ -297,25 +297,6 @@ def read_lora_file(file: str, flag: str = "--network_weights") -> tuple[dict[str
     return torch.load(file, map_location="cpu", weights_only=True), {}
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """write(tmp) to a temporary file in the same folder, fsync, then os.replace: a crash or an exception
-    midway leaves the previous file (if any) untouched and no partial file under `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # temp files are 0600; the LoRA gets the permissions of a normal file
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # =========================================================================================================
@@ -502,9 +483,9 @@ class LoRANetwork(torch.nn.Module):
             model_hash, legacy_hash = precalculate_safetensors_hashes(tensors, metadata)
             metadata["sshs_model_hash"] = model_hash
             metadata["sshs_legacy_hash"] = legacy_hash
-            _atomic_write(file, lambda tmp: save_file(tensors, tmp, metadata))
+            atomic_write(file, lambda tmp: save_file(tensors, tmp, metadata))
         else:
-            _atomic_write(file, lambda tmp: torch.save(tensors, tmp))
+            atomic_write(file, lambda tmp: torch.save(tensors, tmp))
 
     # ---- merging ----------------------------------------------------------------------------------------
     @torch.no_grad()

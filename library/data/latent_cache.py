@@ -18,6 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from library.fileio import atomic_write
+
 LATENT_FORMAT = "latents-v1"
 TEXT_FORMAT = "text-encoder-outputs-v1"
 
@@ -67,6 +69,5 @@ def load_if_valid(path: str, identity: dict[str, str]) -> dict[str, torch.Tensor
 
 def save_atomic(path: str, tensors: dict[str, torch.Tensor], identity: dict[str, str]) -> None:
     """Write via a temporary file and rename (atomic on POSIX)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=identity)
-    os.replace(tmp, path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=identity))
