@@ -295,3 +295,20 @@ def test_network_weights_start_from_an_existing_lora(sd15, dataset, tmp_path, di
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_single_file_trains_the_same_lora_as_the_diffusers_folder(dataset, tmp_path, v2):
+    """The same tiny model as an original-layout .safetensors (with --model_config) and as a diffusers folder:
+    identical LoRA after training (SD2 single files carry the OpenCLIP text encoder layout)."""
+    from tests.fixtures.tiny import tiny_sd1_paths
+
+    paths = tiny_sd1_paths(v2=v2, v_prediction=v2)
+    extra = dict(v2=v2, v_parameterization=v2)
+    from_folder = run_inprocess("sd1", base_argv(paths["diffusers"], dataset, str(tmp_path / "a"), steps=2, **extra))
+    from_file = run_inprocess("sd1", base_argv(paths["single_file"], dataset, str(tmp_path / "b"), steps=2,
+                                               model_config=paths["model_config"], **extra))
+    a, b = lora_tensors(from_folder), lora_tensors(from_file)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
