@@ -85,7 +85,8 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, family: str) -> None:
         g.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true")
     g.add_argument("--train_batch_size", type=int, default=1)
     g.add_argument("--max_data_loader_n_workers", type=int, default=0)
-    g.add_argument("--persistent_data_loader_workers", action="store_true")
+    g.add_argument("--persistent_data_loader_workers", action="store_true",
+                   help="accepted for KS compatibility: workers are started per epoch here")
 
 
 def add_network_arguments(parser: argparse.ArgumentParser, family: str) -> None:

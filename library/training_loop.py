@@ -46,6 +46,14 @@ class Plan:
     save_dtype: torch.dtype = torch.float32
 
 
+# KS flags accepted so existing scripts run, whose behaviour is always on (or irrelevant) here; named when used.
+COMPATIBILITY_NO_OPS = {
+    "sdpa": "PyTorch scaled-dot-product attention is always used",
+    "lowram": "models load straight to their device",
+    "no_half_vae": "the VAE always runs in fp32",
+    "persistent_data_loader_workers": "data-loader workers are started per epoch",
+}
+
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32, "no": torch.float32, None: None}
 
 
@@ -95,10 +103,12 @@ def validate(args: argparse.Namespace, adapter: FamilyAdapter) -> Plan:
     metrics_lib.validate_metric_options(args)
     if (args.sample_every_n_steps or args.sample_every_n_epochs) and not args.sample_prompts:
         raise UserError("--sample_every_n_steps/--sample_every_n_epochs need --sample_prompts FILE")
-    if args.full_fp16 and args.mixed_precision != "fp16":
-        raise UserError("--full_fp16 needs --mixed_precision fp16")
-    if args.full_bf16 and args.mixed_precision != "bf16":
-        raise UserError("--full_bf16 needs --mixed_precision bf16")
+    if args.full_fp16 or args.full_bf16:
+        raise UserError("--full_fp16/--full_bf16 are not supported: the LoRA weights train in fp32 while the frozen "
+                        "models run in --mixed_precision fp16/bf16; drop the flag")
+    for flag, why in COMPATIBILITY_NO_OPS.items():
+        if getattr(args, flag, False):
+            print(f"note: --{flag} has no effect here: {why}")
     if args.resume:
         checkpointing.check_state_folder(args.resume)
     cache_te = getattr(args, "cache_text_encoder_outputs", False) or getattr(args, "cache_text_encoder_outputs_to_disk", False)
@@ -293,14 +303,14 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
     plan = validate(args, adapter)
     data_options = DatasetOptions.from_args(args)
     data_options.seed = plan.seed
-    if args.bucket_reso_steps is None:
-        data_options.bucket_reso_steps = adapter.bucket_reso_steps
     group = build_dataset_group(data_options)  # scans every image: data errors surface before models load
 
     accelerator = make_accelerator(args)
     rank, world_size = accelerator.process_index, accelerator.num_processes
 
     models = adapter.load(plan.model)
+    if args.xformers:
+        models.denoiser.enable_xformers_memory_efficient_attention()
     device = accelerator.device
     for module in [models.denoiser, models.vae, *[te for te in models.text_encoders if te is not None]]:
         module.requires_grad_(False)

@@ -100,3 +100,21 @@ def test_optimizer_names_and_args():
         optimizers.validate_optimizer_options("AdamW", ["not_an_arg=1"])
     optimizers.validate_optimizer_options("torch.optim.SGD", ["momentum=0.9"])
     assert optimizers.warmup_steps(0.1, 500) == 50 and optimizers.warmup_steps(20, 500) == 20
+
+
+def test_flags_without_effect_are_refused_or_named(tmp_path, capsys):
+    """No silent ignores: --full_fp16 is refused; KS compatibility flags that are always-on here are named."""
+    from library import training_loop
+    from library.families import get_adapter
+
+    (tmp_path / "1_x").mkdir()
+    base = ["--pretrained_model_name_or_path", str(tmp_path), "--train_data_dir", str(tmp_path), "--output_dir",
+            str(tmp_path)]
+    args = train_util.parse_args("sd1", base + ["--mixed_precision", "fp16", "--full_fp16"])
+    with pytest.raises(UserError, match="full_fp16"):
+        training_loop.validate(args, get_adapter("sd1"))
+    args = train_util.parse_args("sd1", base + ["--sdpa", "--lowram"])
+    with pytest.raises(UserError):  # the folder is no model; the notes come first
+        training_loop.validate(args, get_adapter("sd1"))
+    out = capsys.readouterr().out
+    assert "--sdpa has no effect" in out and "--lowram has no effect" in out
