@@ -141,10 +141,8 @@ class LossConfig:
         return self.timestep_sampling == "loss_map" or self.loss_map_offset or self.loss_type == "ew"
 
     def sampler_params(self) -> SamplerParams:
-        return SamplerParams(logit_mean=self.logit_mean, logit_std=self.logit_std, mode_scale=self.mode_scale,
-                             sigmoid_scale=self.sigmoid_scale, discrete_flow_shift=self.discrete_flow_shift,
-                             beta_alpha=self.beta_alpha, beta_beta=self.beta_beta, logit_mean_end=self.logit_mean_end,
-                             dynamic_fraction=self.dynamic_fraction)
+        """The sampler flags as the samplers' own parameter object (same names)."""
+        return SamplerParams(**{f.name: getattr(self, f.name) for f in fields(SamplerParams)})
 
     def weight_options(self) -> WeightOptions:
         return WeightOptions(
