@@ -253,6 +253,7 @@ vset = ValidationSet.build(group, adapter, models, engine, seed=5, num_levels=4)
 logs = vset.compute(adapter, models, engine, text_conditioning(adapter, models), accelerator, batch_size=1)
 with open(f"{out}.{accelerator.process_index}.json", "w") as f:
     json.dump(logs, f)
+accelerator.wait_for_everyone()
 accelerator.end_training()  # destroys the process group; without it gloo may abort at exit (SIGABRT)
 '''
 
