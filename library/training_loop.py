@@ -96,6 +96,8 @@ def validate(args: argparse.Namespace, adapter: FamilyAdapter) -> Plan:
             importlib.import_module("wandb")
         except ImportError:
             raise UserError(f"--log_with {args.log_with}: wandb is not installed; pip install wandb or use tensorboard")
+    if args.log_with in ("tensorboard", "all") and not args.logging_dir:
+        raise UserError(f"--log_with {args.log_with} needs --logging_dir DIR (where tensorboard writes)")
     if args.sample_prompts:
         if not os.path.isfile(args.sample_prompts):
             raise UserError(f"--sample_prompts: {args.sample_prompts} does not exist")
@@ -161,14 +163,12 @@ def make_accelerator(args: argparse.Namespace):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    log_with = None
+    log_with = args.log_with
     project_config = None
     if args.logging_dir:
-        log_with = args.log_with or "tensorboard"
+        log_with = log_with or "tensorboard"
         logging_dir = os.path.join(args.logging_dir, (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S"))
         project_config = ProjectConfiguration(project_dir=logging_dir, logging_dir=logging_dir)
-    elif args.log_with:
-        raise UserError(f"--log_with {args.log_with} needs --logging_dir DIR")
     use_cpu = not torch.cuda.is_available() and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
     return Accelerator(mixed_precision=args.mixed_precision, log_with=log_with, project_config=project_config,
                        cpu=use_cpu)
