@@ -82,7 +82,8 @@ def test_shipped_config_is_sd3_medium():
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    root = os.path.join(os.path.dirname(sd3.SHARED_CLIP_TOKENIZER), "..", "sd3")
+    from library.families.loading import REPO_CONFIG_ROOT
+    root = os.path.join(REPO_CONFIG_ROOT, "sd3")
     with torch.device("meta"):
         mmdit = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(root, subfolder="transformer"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(root, subfolder="vae"))

@@ -10,7 +10,8 @@ import torch
 from library.errors import UserError
 from library.families.base import ModelOptions
 from library.families.loading import REPO_CONFIG_ROOT
-from library.families.sdxl import ADAPTER, load_clip_tokenizer, sdxl_time_ids
+from library.families.loading import load_clip_tokenizer
+from library.families.sdxl import ADAPTER, sdxl_time_ids
 from tests.fixtures.tiny_sdxl import write_tiny_sdxl
 
 CAPTIONS = ["a photo of a cat sitting on a red car", "dog"]
@@ -120,8 +121,8 @@ def test_shipped_configs_are_sdxl_base_1_0():
 
 
 def test_shipped_tokenizers_share_the_sd15_bpe_with_sdxl_padding():
-    tokenizer = load_clip_tokenizer(os.path.join(REPO_CONFIG_ROOT, "sdxl", "tokenizer"))
-    tokenizer_2 = load_clip_tokenizer(os.path.join(REPO_CONFIG_ROOT, "sdxl", "tokenizer_2"))
+    tokenizer = load_clip_tokenizer(os.path.join(REPO_CONFIG_ROOT, "sdxl"), "tokenizer")
+    tokenizer_2 = load_clip_tokenizer(os.path.join(REPO_CONFIG_ROOT, "sdxl"), "tokenizer_2", "!")
     ids = tokenizer("a photo of a cat", padding="max_length", max_length=10).input_ids
     ids_2 = tokenizer_2("a photo of a cat", padding="max_length", max_length=10).input_ids
     assert ids == [49406, 320, 1125, 539, 320, 2368, 49407, 49407, 49407, 49407]

@@ -249,6 +249,32 @@ def load_tokenizer(cls: Any, root: str, subfolder: str = "tokenizer",
     return cls.from_pretrained(folder, local_files_only=True)
 
 
+# The real CLIP BPE files ship once (configs/models/sd15/tokenizer); SDXL and SD3 configs reuse them.
+SHIPPED_CLIP_BPE_DIR = os.path.join(REPO_CONFIG_ROOT, "sd15", "tokenizer")
+_CLIP_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "model_max_length", "do_lower_case")
+
+
+def load_clip_tokenizer(root: str, subfolder: str, pad_token: str = "<|endoftext|>",
+                        flag: str = "--model_config") -> Any:
+    """The CLIP tokenizer in root/subfolder; a folder without BPE files (the shipped SDXL/SD3 configs, or a
+    config folder with only tokenizer_config.json) takes the shipped CLIP BPE files, with the special tokens of
+    its own tokenizer_config.json when it has one, else `pad_token` (SDXL/SD3 tokenizer_2 pads with "!")."""
+    from transformers import CLIPTokenizer
+
+    folder = os.path.join(root, subfolder)
+    if any(os.path.isfile(os.path.join(folder, name)) for name in ("vocab.json", "tokenizer.json")):
+        return load_tokenizer(CLIPTokenizer, root, subfolder, flag)
+    if not os.path.isfile(os.path.join(SHIPPED_CLIP_BPE_DIR, "vocab.json")):
+        raise UserError(f"{flag}: no CLIP tokenizer in '{folder}' (vocab.json + merges.txt or tokenizer.json) and "
+                        f"none shipped in {SHIPPED_CLIP_BPE_DIR}; give a folder with {subfolder}/")
+    special: dict[str, Any] = {"pad_token": pad_token}
+    config_path = os.path.join(folder, "tokenizer_config.json")
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            special.update({k: v for k, v in json.load(f).items() if k in _CLIP_SPECIAL_KEYS})
+    return CLIPTokenizer.from_pretrained(SHIPPED_CLIP_BPE_DIR, local_files_only=True, **special)
+
+
 def read_scheduler_config(root: str, flag: str = "--pretrained_model_name_or_path") -> dict:
     """scheduler/scheduler_config.json of a diffusers-layout folder, as a dict."""
     path = os.path.join(root, "scheduler", "scheduler_config.json")

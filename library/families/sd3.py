@@ -21,8 +21,6 @@ from library.sd3_convert import CLIP_G_PREFIX, CLIP_L_PREFIX, MMDIT_PREFIX, T5_P
 FAMILY_KEY = "sd3"   # configs/models/sd3: SD3 medium architecture
 # The CLIP BPE files are shipped once, with SD1.5; SD3's CLIP-G tokenizer differs only by padding with '!'
 # (as SDXL's tokenizer_2; SAI's SDXLClipGTokenizer pads with token 0).
-SHARED_CLIP_TOKENIZER = os.path.join(loading.REPO_CONFIG_ROOT, "sd15", "tokenizer")
-CLIP_PAD_TOKEN = {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"}
 # Offline-only fallbacks for the T5 tokenizer: looked up in the local Hugging Face cache, never downloaded.
 CACHED_T5_TOKENIZERS = (("stabilityai/stable-diffusion-3-medium-diffusers", "tokenizer_3"),
                         ("google/t5-v1_1-xxl", ""))
@@ -60,20 +58,6 @@ def check_options(opts: ModelOptions) -> None:
 # ----------------------------------------------------------------------------------------------
 # Tokenizers
 # ----------------------------------------------------------------------------------------------
-def _clip_tokenizer(folder: str, subfolder: str) -> Any:
-    """The CLIP tokenizer in folder/subfolder, else one from the shipped CLIP BPE files (SD3 medium's)."""
-    from transformers import CLIPTokenizer
-
-    if any(os.path.isfile(os.path.join(folder, subfolder, name)) for name in ("vocab.json", "tokenizer.json")):
-        return loading.load_tokenizer(CLIPTokenizer, folder, subfolder)
-    if not os.path.isfile(os.path.join(SHARED_CLIP_TOKENIZER, "vocab.json")):
-        raise UserError(f"--model_config: no CLIP tokenizer in '{folder}' ({subfolder}/vocab.json + merges.txt or "
-                        f"tokenizer.json) and none shipped in {SHARED_CLIP_TOKENIZER}; pass --model_config DIR "
-                        f"with {subfolder}/")
-    return CLIPTokenizer.from_pretrained(SHARED_CLIP_TOKENIZER, pad_token=CLIP_PAD_TOKEN[subfolder],
-                                         local_files_only=True)
-
-
 def _t5_tokenizer(folder: str) -> Any:
     """The T5 tokenizer in folder/tokenizer_3, else one in the local HF cache, else a UserError: it is not
     shipped (a sentencepiece model) and cannot be downloaded."""
@@ -189,7 +173,8 @@ def _load_single_file(opts: ModelOptions, path: str) -> tuple[Any, Any, list, li
     clip_g = _clip_from_state_dict(_component_state_dict(opts, "clip_g", checkpoint, CLIP_G_PREFIX), config_dir,
                                    "text_encoder_2", "--clip_g", opts, identity_projection=False)
     encoders = [clip_l, clip_g]
-    tokenizers = [_clip_tokenizer(config_dir, "tokenizer"), _clip_tokenizer(config_dir, "tokenizer_2")]
+    tokenizers = [loading.load_clip_tokenizer(config_dir, "tokenizer"),
+                  loading.load_clip_tokenizer(config_dir, "tokenizer_2", "!")]  # CLIP-G pads with "!"
     if _component_path(opts, "t5xxl") != NO_T5:
         t5_weights = _component_state_dict(opts, "t5xxl", checkpoint, T5_PREFIX)
         if t5_weights:
@@ -216,7 +201,8 @@ def _load_diffusers(opts: ModelOptions, root: str) -> tuple[Any, Any, list, list
     vae = None if opts.vae else component(AutoencoderKL, "vae")
     encoders = [component(CLIPTextModelWithProjection, "text_encoder"),
                 component(CLIPTextModelWithProjection, "text_encoder_2")]
-    tokenizers = [_clip_tokenizer(root, "tokenizer"), _clip_tokenizer(root, "tokenizer_2")]
+    tokenizers = [loading.load_clip_tokenizer(root, "tokenizer", flag=SOURCE_FLAG),
+                  loading.load_clip_tokenizer(root, "tokenizer_2", "!", SOURCE_FLAG)]
     t5_path = _component_path(opts, "t5xxl")
     if t5_path is not None and t5_path != NO_T5:
         tokenizers.append(_t5_tokenizer(root))

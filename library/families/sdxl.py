@@ -10,7 +10,6 @@ Stability's generative-models (SAI) `sgm/modules/encoders/modules.py`:
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from types import SimpleNamespace
@@ -21,9 +20,9 @@ import torch
 from library.errors import UserError
 from library.families.base import ModelOptions, Models
 from library.families.loading import (
-    REPO_CONFIG_ROOT,
     alphas_cumprod_from_scheduler_config,
     config_dir_for,
+    load_clip_tokenizer,
     load_component,
     load_single_file_state_dict,
     load_tokenizer,
@@ -40,11 +39,9 @@ logger = logging.getLogger(__name__)
 
 FAMILY_KEY = "sdxl"                   # configs/models/sdxl
 # Shipped SDXL tokenizer folders hold only tokenizer_config.json; the CLIP BPE files (identical for CLIP-L and
-# OpenCLIP-G) are shipped once, with SD1.5.
-SHARED_CLIP_BPE_DIR = os.path.join(REPO_CONFIG_ROOT, "sd15", "tokenizer")
+# OpenCLIP-G) are shipped once, with SD1.5 (loading.load_clip_tokenizer).
 # per-sample batch entries of the size conditioning, in time_ids order ([B, 2] LongTensors, pixels)
 SIZE_KEYS = ("original_sizes", "crop_top_lefts", "target_sizes")
-_SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "model_max_length", "do_lower_case")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,22 +81,6 @@ def check_options(opts: ModelOptions) -> None:
                         f"{', '.join(map(str, MAX_TOKEN_LENGTHS))} (or omit it for 75)")
     if opts.precondition_outputs:
         raise UserError("--precondition_outputs: applies to SD3 only; drop it for SDXL")
-
-
-def load_clip_tokenizer(folder: str, flag: str = "--model_config") -> Any:
-    """A CLIPTokenizer from `folder`; a folder with only tokenizer_config.json (the shipped SDXL configs) takes
-    the BPE files from SHARED_CLIP_BPE_DIR and its special tokens (e.g. pad "!") from its own config."""
-    from transformers import CLIPTokenizer
-
-    if os.path.isfile(os.path.join(folder, "vocab.json")) or os.path.isfile(os.path.join(folder, "tokenizer.json")):
-        return load_tokenizer(CLIPTokenizer, os.path.dirname(folder), os.path.basename(folder), flag)
-    config_path = os.path.join(folder, "tokenizer_config.json")
-    if not os.path.isfile(config_path):
-        raise UserError(f"{flag}: tokenizer folder '{folder}' has no vocab.json or tokenizer_config.json; copy the "
-                        "tokenizer/ and tokenizer_2/ folders of an SDXL diffusers model into it")
-    with open(config_path, encoding="utf-8") as f:
-        special = {k: v for k, v in json.load(f).items() if k in _SPECIAL_TOKEN_KEYS}
-    return CLIPTokenizer.from_pretrained(SHARED_CLIP_BPE_DIR, local_files_only=True, **special)
 
 
 def scheduler_config_for_training(base: dict, opts: ModelOptions) -> dict:
@@ -197,8 +178,8 @@ class SDXLAdapter:
             modules = _components_from_state_dict(state_dict, config_dir, dtype, flag)
             del state_dict
         tokenizer_flag = flag if kind == "diffusers" else "--model_config"
-        tokenizers = [load_clip_tokenizer(os.path.join(config_dir, name), tokenizer_flag)
-                      for name in ("tokenizer", "tokenizer_2")]
+        tokenizers = [load_clip_tokenizer(config_dir, name, pad, tokenizer_flag)
+                      for name, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!"))]
         if opts.vae:
             # a single-file VAE takes the architecture of the VAE it replaces (config_dir/vae/config.json)
             modules["vae"] = load_vae(opts.vae, config_dir, opts.allow_pickle, dtype)
