@@ -362,10 +362,9 @@ def test_shipped_configs_are_the_real_architectures():
 
 
 def test_shipped_clip_tokenizer_reproduces_clip_ids():
-    from transformers import CLIPTokenizer
-
-    sd15 = loading.load_tokenizer(CLIPTokenizer, loading.config_dir_for("sd15", None))
-    sd2 = loading.load_tokenizer(CLIPTokenizer, loading.config_dir_for("sd2v", None))
+    sd15 = loading.load_clip_tokenizer(loading.config_dir_for("sd15", None), "tokenizer")
+    # sd2v ships only its tokenizer_config.json (pad "!"); the BPE files come from sd15
+    sd2 = loading.load_clip_tokenizer(loading.config_dir_for("sd2v", None), "tokenizer")
     # openai/clip-vit-large-patch14: "a photo of a cat" -> these ids (BOS 49406, EOS 49407)
     assert sd15("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert len(sd15) == 49408 and sd15.pad_token_id == 49407

@@ -181,7 +181,7 @@ class SD1Adapter:
         """Diffusers folder or LDM single file -> Models (offline). --model_config only applies to single files
         (a diffusers folder carries its own configs); --vae replaces the VAE in either case."""
         from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextModel
 
         kind, path = loading.resolve_model_source(opts.pretrained_model_name_or_path, opts.allow_pickle)
         if kind == "diffusers":
@@ -200,7 +200,9 @@ class SD1Adapter:
         if opts.vae:
             # A single-file VAE takes the architecture of the model it replaces (config_dir/vae/config.json).
             vae = loading.load_vae(opts.vae, config_dir, opts.allow_pickle, opts.weight_dtype)
-        tokenizer = loading.load_tokenizer(CLIPTokenizer, config_dir, "tokenizer")
+        # the shipped sd2v config holds only tokenizer_config.json (pad "!"): the BPE files ship once, with sd15
+        tokenizer = loading.load_clip_tokenizer(
+            config_dir, "tokenizer", flag="--pretrained_model_name_or_path" if kind == "diffusers" else "--model_config")
         _validate_text_options(opts, text_encoder.config.num_hidden_layers)
 
         scheduler_config = dict(loading.read_scheduler_config(config_dir))
