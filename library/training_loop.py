@@ -690,16 +690,13 @@ def _save_lora(run: Run, name: str) -> str:
 
 
 def _save_state(run: Run, folder: str) -> None:
-    engine_state = run.engine.state_dict()
-    loss_map = engine_state.get("loss_map") if isinstance(engine_state, dict) else None
-    if isinstance(loss_map, dict):
-        loss_map = loss_map.get("values")
+    loss_map = run.engine.loss_map.values if run.engine.loss_map is not None else None
     scaler = run.accelerator.scaler.state_dict() if run.accelerator.scaler is not None else None
     checkpointing.save_state(folder, network_state=run.network.state_dict(),
                              optimizer_state=run.optimizer.state_dict(),
-                             scheduler_state=run.lr_scheduler.state_dict(), engine_state=engine_state,
+                             scheduler_state=run.lr_scheduler.state_dict(), engine_state=run.engine.state_dict(),
                              train_state=run.state, scaler_state=scaler,
-                             loss_map=loss_map if isinstance(loss_map, torch.Tensor) else None,
+                             loss_map=loss_map,
                              metrics_state=run.metrics.state_dict())
 
 
