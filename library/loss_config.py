@@ -69,6 +69,9 @@ def format_loss_weights(weights: dict[str, float]) -> str:
     return ",".join(f"{k}={weights[k]:g}" for k in COMBINED_TERMS)
 
 
+_SAMPLER_DEFAULTS = SamplerParams()
+
+
 @dataclass
 class LossConfig:
     """Every loss / timestep flag, resolved. Build it with ``from_args`` (validated); direct construction is
@@ -95,15 +98,16 @@ class LossConfig:
     loss_map_offset: bool = False
     # timesteps (§0, §3); timestep_sampling is the sampler in effect (after --weighting_scheme)
     timestep_sampling: str = "uniform"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
-    sigmoid_scale: float = 1.0
-    discrete_flow_shift: float = 3.0
-    beta_alpha: float | None = None
-    beta_beta: float | None = None
-    logit_mean_end: float = 0.65
-    dynamic_fraction: float = 0.8
+    # the sampler flags take their defaults from the samplers' own parameter object (one source of truth)
+    logit_mean: float = _SAMPLER_DEFAULTS.logit_mean
+    logit_std: float = _SAMPLER_DEFAULTS.logit_std
+    mode_scale: float = _SAMPLER_DEFAULTS.mode_scale
+    sigmoid_scale: float = _SAMPLER_DEFAULTS.sigmoid_scale
+    discrete_flow_shift: float = _SAMPLER_DEFAULTS.discrete_flow_shift
+    beta_alpha: float | None = _SAMPLER_DEFAULTS.beta_alpha
+    beta_beta: float | None = _SAMPLER_DEFAULTS.beta_beta
+    logit_mean_end: float = _SAMPLER_DEFAULTS.logit_mean_end
+    dynamic_fraction: float = _SAMPLER_DEFAULTS.dynamic_fraction
     min_timestep: int = 0
     max_timestep: int = NUM_TRAIN_TIMESTEPS
     timestep_shift: float = 1.0
