@@ -4,6 +4,7 @@ This file is also the worker script: `accelerate launch ... tests/test_multiproc
 Each rank feeds different local (bins, losses), including a step where rank 1 has a smaller batch; both maps
 must equal one single-process update over the rank-ordered concatenation.
 """
+import pytest
 import os
 import subprocess
 import sys
@@ -44,6 +45,7 @@ def worker(out_dir: str) -> None:
     accelerator.end_training()
 
 
+@pytest.mark.slow
 def test_two_ranks_keep_identical_maps(tmp_path):
     from library.loss_map import LossMap
 

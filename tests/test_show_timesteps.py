@@ -106,6 +106,7 @@ def test_user_errors_exit_2(capsys):
     assert "error: --weighting_scheme" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_runs_as_a_script(tmp_path):
     out = tmp_path / "c.csv"
     done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "show_timesteps.py"), "--model_family", "sd3",

@@ -10,6 +10,7 @@ import pytest
 from tests.train_helpers import ROOT, base_argv, lora_tensors, make_images, save_tiny_sd15
 
 
+@pytest.mark.slow
 def test_two_processes_train_identical_weights(tmp_path):
     model = save_tiny_sd15(str(tmp_path / "model"))
     make_images(str(tmp_path / "data" / "2_sks photo"), 2)

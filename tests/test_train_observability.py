@@ -9,6 +9,7 @@ import pytest
 from tests.train_helpers import base_argv, make_images, run_inprocess, save_tiny_sd15
 
 
+@pytest.mark.slow
 def test_tensorboard_tags_validation_and_samples(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

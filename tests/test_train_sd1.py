@@ -82,6 +82,7 @@ def _fixed_timestep_loss(model_dir, image_dir, lora_path, prediction, timesteps=
     return sum(losses) / len(losses)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 def test_loss_at_fixed_timesteps_falls(sd15, sd15_v, tmp_path, prediction):
     model = sd15 if prediction == "epsilon" else sd15_v
@@ -210,6 +211,7 @@ def _bad_run(argv, tmp_path):
     return result.stderr
 
 
+@pytest.mark.slow
 def test_user_errors_name_the_problem(sd15, tmp_path):
     out = str(tmp_path / "out")
     # missing folder
@@ -234,6 +236,7 @@ def test_user_errors_name_the_problem(sd15, tmp_path):
     assert "max_train_steps" in err
 
 
+@pytest.mark.slow
 def test_truncated_image_is_named(sd15, tmp_path):
     folder = tmp_path / "trunc" / "1_x"
     make_images(str(folder), 1)
@@ -253,6 +256,7 @@ def test_intermediate_saves_follow_ks_names_and_pruning(sd15, dataset, tmp_path)
                             "lora.safetensors"])
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_lora_and_state(sd15, dataset, tmp_path):
     import signal
     import subprocess

@@ -258,6 +258,7 @@ accelerator.end_training()  # destroys the process group; without it gloo may ab
 '''
 
 
+@pytest.mark.slow
 def test_two_real_processes_agree_with_one(sd1, workspace, tmp_path):
     """accelerate launch with 2 CPU processes (~10 s): both ranks log the same numbers, equal to one process
     (up to fp32 differences from the thread count inside the UNet)."""
