@@ -174,6 +174,17 @@ def make_accelerator(args: argparse.Namespace):
                        cpu=use_cpu)
 
 
+def _own_weight_memory(module: torch.nn.Module) -> None:
+    """Give CPU weights at unaligned addresses memory of their own (64-byte aligned, as torch allocates).
+
+    Loaded safetensors weights point into the mapped file at arbitrary offsets, and CPU kernels choose their vector
+    paths by alignment: the same model loaded from a diffusers folder and from a single file trained to different
+    last bits. One tensor at a time, so the extra memory is the largest tensor."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.device.type == "cpu" and tensor.data_ptr() % 64:
+            tensor.data = tensor.data.clone()
+
+
 def step_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
     """Seed of the global RNG for one micro-step (LoRA dropout, VAE sampling), so resumed runs replay exactly."""
     return (seed * 1_000_003 + step * 9_176 + micro_step * 131 + rank * 7) % (2**63 - 1)
@@ -319,6 +330,7 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
         module.to(device)
         if next(module.parameters()).dtype != dtype:  # cast only when needed (diffusers warns on no-op casts)
             module.to(dtype=dtype)
+        _own_weight_memory(module)
 
     # Latents (and text-encoder outputs) are cached once, before training; the main process writes disk caches.
     # VAE sampling draws from the global RNG: seed it so cached latents are the same in every run and rank.
