@@ -22,8 +22,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from library import rng
-from library.loss_config import FAMILY_KINDS, PREDICTION_TYPES, LossConfig
+from library import families, rng
+from library.loss_config import PREDICTION_TYPES, LossConfig
 from library.losses import (THRESHOLD_LOSS_TYPES, clustered_mse, combined_loss, elementwise_loss, ew_loss,
                             huber_threshold, map_importance, per_sample_mean)
 from library.objective import (ddpm_noisy, flow_noisy, flow_velocity_target, input_perturbation, multires_noise,
@@ -69,7 +69,7 @@ class LossEngine:
         ``prediction_type`` as ``cfg.prediction_type`` ("flow_x0" under --precondition_outputs);
         ``alphas_cumprod`` the model scheduler's ᾱ before any zero-terminal-SNR rescale (None: the SD default
         schedule; ignored for flow); ``flow_shift`` the σ shift used when --timestep_shift is left at 1."""
-        kind = FAMILY_KINDS.get(family_kind, family_kind)
+        kind = families.kind_of(family_kind, default=family_kind)
         if kind not in PREDICTION_TYPES:
             raise ValueError(f"unknown family kind '{family_kind}' (ddpm, flow)")
         if prediction_type not in PREDICTION_TYPES[kind]:

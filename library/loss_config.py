@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from library import families
 from library.errors import UserError, closest
 from library.losses import (COMBINED_TERMS, COSINE_DIMS, DEFAULT_COMBINED_WEIGHTS, HUBER_SCHEDULES, LOSS_TYPES,
                             THRESHOLD_LOSS_TYPES)
@@ -20,7 +21,6 @@ from library.schedules import NUM_TRAIN_TIMESTEPS
 from library.timesteps import MODE_SCALE_RANGE, SAMPLER_NAMES, SamplerParams
 from library.weighting import WeightOptions
 
-FAMILY_KINDS = {"sd1": "ddpm", "sd2": "ddpm", "sdxl": "ddpm", "sd3": "flow"}
 PREDICTION_TYPES = {"ddpm": ("epsilon", "v_prediction"), "flow": ("flow", "flow_x0")}
 TIMESTEP_SAMPLINGS = SAMPLER_NAMES + ("loss_map",)
 # KS SD3 --weighting_scheme: two select a sampler, two a loss weight, two nothing.
@@ -132,7 +132,7 @@ class LossConfig:
     # ------------------------------------------------------------------------------------------ derived
     @property
     def family_kind(self) -> str:
-        return FAMILY_KINDS[self.family]
+        return families.kind_of(self.family)
 
     @property
     def loss_map_base_sampling(self) -> str:
@@ -162,9 +162,7 @@ class LossConfig:
         """Read and validate the flags of ``add_arguments`` (plus --zero_terminal_snr, --precondition_outputs and
         --v_parameterization from the model group, if present) for a family ("sd1" | "sd2" | "sdxl" are DDPM,
         "sd3" is flow) and its prediction type ("epsilon" | "v_prediction" | "flow" | "flow_x0")."""
-        if family not in FAMILY_KINDS:
-            raise ValueError(f"unknown family '{family}'; known: {', '.join(FAMILY_KINDS)}")
-        kind = FAMILY_KINDS[family]
+        kind = families.get_family(family).kind   # ValueError for an unknown family
         if getattr(args, "precondition_outputs", False):
             if kind != "flow":
                 raise UserError(f"--precondition_outputs: applies to SD3 (flow matching) only, not {family}; remove it")

@@ -11,15 +11,13 @@ import time
 import uuid
 from typing import Any
 
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0", "sd3": "sd3"}
+from library.families import get_family
 
 
 def training_metadata(args: argparse.Namespace, family: str, *, num_train_images: int, num_reg_images: int,
                       num_batches_per_epoch: int, num_epochs: int, started_at: float,
                       loss_metadata: dict[str, str], dataset_metadata: dict[str, Any]) -> dict[str, str]:
-    base_version = BASE_MODEL_VERSION[family]
-    if family == "sd1" and getattr(args, "v2", False):
-        base_version = "sd_v2" + ("_v" if args.v_parameterization else "")
+    base_version = get_family(family).base_model_version(args)
     md: dict[str, Any] = {
         "ss_session_id": uuid.uuid4().int % (2**31),
         "ss_training_started_at": started_at,

@@ -202,14 +202,9 @@ def sample_file_name(output_name: str | None, label: str, index: int, timestamp:
 
 
 def _pipeline_kwargs(adapter: Any, models: Any, pipe: Any, spec: PromptSpec) -> dict[str, Any]:
-    """Family extras: SD3 samples with the trained T5 length; KS --clip_skip N is diffusers clip_skip N − 1."""
+    """Family extras (the adapter's pipeline_kwargs, e.g. SD3's trained T5 length) the pipeline accepts."""
     accepted = inspect.signature(pipe.__call__).parameters
-    extra: dict[str, Any] = {}
-    if "max_sequence_length" in accepted and models.extra.get("t5xxl_max_token_length"):
-        extra["max_sequence_length"] = models.extra["t5xxl_max_token_length"]
-    clip_skip = models.extra.get("clip_skip")
-    if clip_skip and clip_skip > 1 and "clip_skip" in accepted:
-        extra["clip_skip"] = clip_skip - 1
+    extra: dict[str, Any] = {k: v for k, v in adapter.pipeline_kwargs(models).items() if k in accepted}
     if spec.guidance_rescale is not None:
         if "guidance_rescale" not in accepted:
             raise UserError(f"--sample_prompts: --g (guidance rescale) is not supported by the {adapter.name} pipeline")

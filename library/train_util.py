@@ -17,9 +17,8 @@ import toml
 
 from library.errors import UserError, unknown_key_message
 from library import loss_config, metrics
+from library.families import get_family
 from library.losses import conditional_loss  # noqa: F401  (KS facade, re-exported for users' patches)
-
-FAMILIES = ("sd1", "sdxl", "sd3")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -38,16 +37,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, family: str) -> None:
                    help="max caption tokens (75 if omitted; 150/225 split into 75-token chunks as KS)")
     g.add_argument("--zero_terminal_snr", action="store_true", help="rescale the noise schedule to zero terminal SNR")
     g.add_argument("--v_parameterization", action="store_true", help="v-prediction objective")
-    if family == "sd1":
-        g.add_argument("--v2", action="store_true", help="load an SD2.x model")
-        g.add_argument("--clip_skip", type=int, default=None, help="use the output of the N-th last text-encoder layer")
-    if family == "sd3":
-        g.add_argument("--precondition_outputs", action="store_true",
-                       help="x0 preconditioning: prediction x0 = x_sigma - sigma * F, target x0 (KS SD3 behaviour)")
-        g.add_argument("--t5xxl_max_token_length", type=int, default=256, help="T5 sequence length")
-        g.add_argument("--clip_l", type=str, default=None, help="CLIP-L weights when the checkpoint has none")
-        g.add_argument("--clip_g", type=str, default=None, help="CLIP-G weights when the checkpoint has none")
-        g.add_argument("--t5xxl", type=str, default=None, help="T5-XXL weights, or 'none' to train without T5")
+    get_family(family).add_arguments(g)   # the family's own model flags
     g.add_argument("--no_half_vae", action="store_true",
                    help="accepted for KS compatibility: the VAE always runs in fp32 here")
     g.add_argument("--sdpa", action="store_true", help="accepted for KS compatibility: PyTorch SDPA is always used")
@@ -64,7 +54,7 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, family: str) -> None:
     g.add_argument("--enable_bucket", action="store_true", help="aspect-ratio bucketing")
     g.add_argument("--min_bucket_reso", type=int, default=256)
     g.add_argument("--max_bucket_reso", type=int, default=1024)
-    g.add_argument("--bucket_reso_steps", type=int, default=32 if family == "sdxl" else 64)
+    g.add_argument("--bucket_reso_steps", type=int, default=get_family(family).bucket_reso_steps)
     g.add_argument("--bucket_no_upscale", action="store_true")
     g.add_argument("--caption_extension", type=str, default=".caption")
     g.add_argument("--shuffle_caption", action="store_true")
@@ -80,7 +70,7 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, family: str) -> None:
     g.add_argument("--random_crop", action="store_true")
     g.add_argument("--cache_latents", action="store_true")
     g.add_argument("--cache_latents_to_disk", action="store_true")
-    if family in ("sdxl", "sd3"):
+    if get_family(family).text_encoder_cache:
         g.add_argument("--cache_text_encoder_outputs", action="store_true")
         g.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true")
     g.add_argument("--train_batch_size", type=int, default=1)
@@ -160,8 +150,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def setup_parser(family: str) -> argparse.ArgumentParser:
     """All flags of one trainer, in KS groups."""
-    if family not in FAMILIES:
-        raise ValueError(family)
+    get_family(family)  # ValueError for an unknown family
     parser = argparse.ArgumentParser(description=f"LoRA training ({family})", allow_abbrev=False)
     add_model_arguments(parser, family)
     add_dataset_arguments(parser, family)

@@ -25,6 +25,7 @@ from library import checkpointing, metadata as metadata_lib, metrics as metrics_
 from library import validation as validation_lib
 from library.checkpointing import TrainState
 from library.errors import UserError
+from library.families import get_family
 from library.families.base import FamilyAdapter, ModelOptions
 from library.loss_config import LossConfig
 
@@ -131,20 +132,11 @@ def validate(args: argparse.Namespace, adapter: FamilyAdapter) -> Plan:
         key, value = item.split("=", 1)
         network_kwargs[key.strip()] = value.strip()
 
-    model = ModelOptions(
-        pretrained_model_name_or_path=args.pretrained_model_name_or_path, model_config=args.model_config,
-        vae=args.vae, v2=getattr(args, "v2", False), v_parameterization=args.v_parameterization,
-        clip_skip=getattr(args, "clip_skip", None), max_token_length=args.max_token_length,
-        allow_pickle=args.allow_pickle, zero_terminal_snr=args.zero_terminal_snr,
-        precondition_outputs=getattr(args, "precondition_outputs", False),
-        t5xxl_max_token_length=getattr(args, "t5xxl_max_token_length", 256),
-        clip_l=getattr(args, "clip_l", None), clip_g=getattr(args, "clip_g", None), t5xxl=getattr(args, "t5xxl", None))
+    model = get_family(family).options(args)
     # The model path and the family's own flag rules are checked here too, before anything heavy loads.
     from library.families import loading
     loading.resolve_model_source(args.pretrained_model_name_or_path, args.allow_pickle)
-    family_checks = getattr(importlib.import_module(type(adapter).__module__), "check_options", None)
-    if family_checks is not None:
-        family_checks(model)
+    get_family(family).check(model)
     prediction_type = adapter.prediction_type(model)
     loss = LossConfig.from_args(args, family, prediction_type)
     weight_dtype = _DTYPES[args.mixed_precision]
@@ -614,7 +606,7 @@ def _cache_text_encoder_outputs(args, adapter, models, group, accelerator) -> No
         with torch.no_grad():
             return {k: v.float().cpu() for k, v in adapter.encode_text(models, tokens).items()}
 
-    cache_key = f"{adapter.name}-te-{args.max_token_length}"
+    cache_key = get_family(adapter.name).text_encoder_cache_key(args)
     to_disk = bool(getattr(args, "cache_text_encoder_outputs_to_disk", False))
     if to_disk and not accelerator.is_main_process:
         accelerator.wait_for_everyone()

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
-from library import rng
+from library import families, rng
 from library.engine import LossEngine, NoiseLevels
 from library.errors import UserError
 from library.losses import per_sample_mean
@@ -38,7 +38,6 @@ from library.objective import prediction_to_loss_space
 
 STREAM_VALIDATION_NOISE = "validation_noise"      # ε of pair (item, level): key (seed, step=item, rank=level)
 STREAM_VALIDATION_LATENTS = "validation_latents"  # the VAE posterior sample of an item: key (seed, step=item)
-PER_SAMPLE_KEYS = ("original_sizes", "crop_top_lefts", "target_sizes")  # batch extras the adapters read
 
 Conditioning = Callable[[dict[str, Any]], dict[str, Tensor]]
 
@@ -115,7 +114,7 @@ class ValidationItem:
     index: int                               # the item's index in the dataset group: keys its noise
     latents: Tensor                          # [C, H, W] fp32, CPU
     caption: str                             # the deterministic caption
-    extras: dict[str, Tensor]                # PER_SAMPLE_KEYS rows without the batch dim
+    extras: dict[str, Tensor]                # per-sample batch extras (families.batch_keys()) without the batch dim
     text_outputs: dict[str, Tensor] | None   # cached text-encoder outputs (rows), if the group has them
 
 
@@ -177,7 +176,7 @@ class ValidationSet:
                     text = batch.get("text_encoder_outputs")
                     items.append(ValidationItem(
                         index=int(index), latents=latents.detach().float().cpu(), caption=batch["captions"][position],
-                        extras={k: batch[k][position] for k in PER_SAMPLE_KEYS if batch.get(k) is not None},
+                        extras={k: batch[k][position] for k in families.batch_keys() if batch.get(k) is not None},
                         text_outputs=None if text is None else {k: v[position] for k, v in text.items()}))
         items.sort(key=lambda item: tuple(item.latents.shape))  # stable: same-size items stay in dataset order
         return cls(items=items, levels=fixed_validation_levels(engine, num_levels), seed=int(seed),

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from library.fileio import atomic_write
 from library.errors import UserError, closest
+from library.families import get_family
 from networks.hashing import precalculate_safetensors_hashes
 from networks.lora_keys import (LORA_PREFIX_TEXT_ENCODER, LORA_PREFIX_TEXT_ENCODER1, LORA_PREFIX_TEXT_ENCODER2,
                                 LoraTarget, detect_family, text_encoder_list, text_encoder_targets, unet_targets)
@@ -327,8 +328,8 @@ class LoRANetwork(torch.nn.Module):
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self.loraplus_unet_lr_ratio = loraplus_unet_lr_ratio
         self.loraplus_text_encoder_lr_ratio = loraplus_text_encoder_lr_ratio
-        # SD3 files use diffusers / PEFT keys (what diffusers and ComfyUI load); the others KS keys.
-        self.file_format = "peft" if self.family == "sd3" else "kohya"
+        # the family's file format: "peft" (diffusers keys, SD3: what diffusers and ComfyUI load) or "kohya"
+        self.file_format = get_family(self.family).lora_file_format
 
         # KS: LoCon blocks join the targets when conv_dim is given or dims come from a file.
         include_conv = conv_lora_dim is not None or modules_dim is not None

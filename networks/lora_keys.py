@@ -19,8 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-FAMILIES = ("sd1", "sdxl", "sd3")
-
 # KS networks/lora.py target tables: a Linear / Conv2d anywhere inside a module of these classes gets a LoRA.
 UNET_TARGET_REPLACE_MODULE = ("Transformer2DModel",)
 UNET_TARGET_REPLACE_MODULE_CONV2D_3X3 = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
@@ -63,14 +61,20 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def detect_family(unet: torch.nn.Module) -> str:
-    """'sd3' for SD3Transformer2DModel, 'sdxl' for a UNet with addition_embed_type 'text_time', else 'sd1'."""
-    unet = unwrap(unet)
-    if type(unet).__name__ == "SD3Transformer2DModel":
-        return "sd3"
+    """The registered family whose denoiser this is (each family's `detects`, library/families)."""
+    from library.families import detect_family as registry_detect
+
+    return registry_detect(unwrap(unet)).name
+
+
+def is_sd3_transformer(unet: torch.nn.Module) -> bool:
+    return type(unet).__name__ == "SD3Transformer2DModel"
+
+
+def is_sdxl_unet(unet: torch.nn.Module) -> bool:
+    """A UNet with SDXL's size / pooled-text conditioning (addition_embed_type 'text_time')."""
     config = getattr(unet, "config", None) or {}
-    if config.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    return "sd1"
+    return config.get("addition_embed_type") == "text_time"
 
 
 def text_encoder_list(text_encoder) -> list:
@@ -175,32 +179,47 @@ def _flat(path: str) -> str:
 
 
 def unet_targets(family: str, unet: torch.nn.Module, include_conv: bool) -> list[LoraTarget]:
-    """Targets in the denoiser. include_conv adds KS's LoCon blocks (ResnetBlock2D, Down/Upsample2D)."""
-    unet = unwrap(unet)
-    targets = []
-    if family == "sd3":
-        for block_path, block in unet.named_modules():
-            if type(block).__name__ != "JointTransformerBlock":
-                continue
-            for attn_name in SD3_ATTENTION_MODULES:
-                for proj in SD3_ATTENTION_PROJECTIONS:
-                    path = f"{block_path}.{attn_name}.{proj}"
-                    module = _get_submodule_or_none(unet, path)
-                    if isinstance(module, torch.nn.Linear):
-                        targets.append(LoraTarget(f"{LORA_PREFIX_UNET}_{_flat(path)}", module, path, "transformer",
-                                                  "linear", f"transformer.{path}"))
-        return targets
+    """Targets in the denoiser, by the family's builder (its registry entry). include_conv adds KS's LoCon
+    blocks (ResnetBlock2D, Down/Upsample2D) where the family has them."""
+    from library.families import get_family
 
+    return get_family(family).lora_unet_targets(unwrap(unet), include_conv)
+
+
+def sd3_attention_targets(unet: torch.nn.Module, include_conv: bool) -> list[LoraTarget]:
+    """SD3 MMDiT: the attention projections of every JointTransformerBlock (PEFT-style names)."""
+    targets = []
+    for block_path, block in unet.named_modules():
+        if type(block).__name__ != "JointTransformerBlock":
+            continue
+        for attn_name in SD3_ATTENTION_MODULES:
+            for proj in SD3_ATTENTION_PROJECTIONS:
+                path = f"{block_path}.{attn_name}.{proj}"
+                module = _get_submodule_or_none(unet, path)
+                if isinstance(module, torch.nn.Linear):
+                    targets.append(LoraTarget(f"{LORA_PREFIX_UNET}_{_flat(path)}", module, path, "transformer",
+                                              "linear", f"transformer.{path}"))
+    return targets
+
+
+def ks_unet_targets(unet: torch.nn.Module, include_conv: bool, sai_names: bool = False) -> list[LoraTarget]:
+    """KS UNet targets named by their diffusers path, or (sai_names) by their SAI/SGM path with the diffusers
+    name accepted when reading (KS trains SDXL on its SAI-layout UNet)."""
+    targets = []
     classes = UNET_TARGET_REPLACE_MODULE + (UNET_TARGET_REPLACE_MODULE_CONV2D_3X3 if include_conv else ())
     for path, module in _linear_or_conv_in(unet, classes):
         diffusers_name = f"{LORA_PREFIX_UNET}_{_flat(path)}"
-        if family == "sdxl":
+        if sai_names:
             name = f"{LORA_PREFIX_UNET}_{_flat(sdxl_sai_path(path, unet.config))}"
             aliases = (diffusers_name,)
         else:
             name, aliases = diffusers_name, ()
         targets.append(LoraTarget(name, module, path, "unet", _kind(module), f"unet.{path}", aliases))
     return targets
+
+
+def sai_unet_targets(unet: torch.nn.Module, include_conv: bool) -> list[LoraTarget]:
+    return ks_unet_targets(unet, include_conv, sai_names=True)
 
 
 def text_encoder_targets(family: str, text_encoders: list) -> list[LoraTarget]:

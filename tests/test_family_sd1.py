@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from library.errors import UserError
 from library.families import loading
-from library.families.base import ModelOptions
+from library.families.sd1 import SD1Options
 from library.families.sd1 import ADAPTER, chunk_token_ids, merge_chunk_states
 from library.ldm_convert import vae_to_ldm
 from library.tiny_models import tiny_vae
@@ -37,12 +37,12 @@ def sd1():
 
 @pytest.fixture(scope="module")
 def from_folder(sd1):
-    return ADAPTER.load(ModelOptions(sd1["diffusers"]))
+    return ADAPTER.load(SD1Options(sd1["diffusers"]))
 
 
 @pytest.fixture(scope="module")
 def from_file(sd1):
-    return ADAPTER.load(ModelOptions(sd1["single_file"], model_config=sd1["model_config"]))
+    return ADAPTER.load(SD1Options(sd1["single_file"], model_config=sd1["model_config"]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,7 +68,7 @@ def test_single_file_and_folder_give_identical_weights_and_predictions(from_fold
 def test_single_file_without_model_config_uses_shipped_sd15_and_says_so(sd1):
     # The tiny file does not fit the real SD1.5 architecture: a UserError that points at --model_config.
     with pytest.raises(UserError, match="--model_config"):
-        ADAPTER.load(ModelOptions(sd1["single_file"]))
+        ADAPTER.load(SD1Options(sd1["single_file"]))
 
 
 def test_model_config_override_is_used_and_validated(sd1, tmp_path):
@@ -82,11 +82,11 @@ def test_model_config_override_is_used_and_validated(sd1, tmp_path):
     with open(bad / "unet" / "config.json", "w") as f:
         json.dump(unet_config, f)
     with pytest.raises(UserError, match="--model_config"):
-        ADAPTER.load(ModelOptions(sd1["single_file"], model_config=str(bad)))
+        ADAPTER.load(SD1Options(sd1["single_file"], model_config=str(bad)))
     with pytest.raises(UserError, match="--model_config: .* is not a folder"):
-        ADAPTER.load(ModelOptions(sd1["single_file"], model_config=str(tmp_path / "missing")))
+        ADAPTER.load(SD1Options(sd1["single_file"], model_config=str(tmp_path / "missing")))
     with pytest.raises(UserError, match="--model_config: only used with a single-file"):
-        ADAPTER.load(ModelOptions(sd1["diffusers"], model_config=sd1["model_config"]))
+        ADAPTER.load(SD1Options(sd1["diffusers"], model_config=sd1["model_config"]))
 
 
 def test_vae_override_from_folder_and_from_ldm_single_file(sd1, tmp_path, from_folder):
@@ -105,7 +105,7 @@ def test_vae_override_from_folder_and_from_ldm_single_file(sd1, tmp_path, from_f
         (tmp_path / "vae.safetensors", sd1["diffusers"], None),
         (tmp_path / "vae_standalone.safetensors", sd1["single_file"], sd1["model_config"]),
     ]:
-        models = ADAPTER.load(ModelOptions(model_path, model_config=config, vae=str(vae_path)))
+        models = ADAPTER.load(SD1Options(model_path, model_config=config, vae=str(vae_path)))
         assert _state_dicts_equal(models.vae, other), vae_path
         assert _state_dicts_equal(models.denoiser, from_folder.denoiser)
 
@@ -116,8 +116,8 @@ def test_pickle_refused_without_flag_and_loaded_with_it(sd1, tmp_path, from_file
     ckpt = str(tmp_path / "model.ckpt")
     torch.save({"state_dict": load_file(sd1["single_file"]), "global_step": 7}, ckpt)
     with pytest.raises(UserError, match="--allow_pickle"):
-        ADAPTER.load(ModelOptions(ckpt, model_config=sd1["model_config"]))
-    models = ADAPTER.load(ModelOptions(ckpt, model_config=sd1["model_config"], allow_pickle=True))
+        ADAPTER.load(SD1Options(ckpt, model_config=sd1["model_config"]))
+    models = ADAPTER.load(SD1Options(ckpt, model_config=sd1["model_config"], allow_pickle=True))
     assert _state_dicts_equal(models.denoiser, from_file.denoiser)
     assert _state_dicts_equal(models.text_encoders[0], from_file.text_encoders[0])
 
@@ -129,7 +129,7 @@ def test_damaged_float_position_ids_in_old_files_are_rebuilt(sd1, tmp_path, from
     # A1111-era merges stored position_ids as floats such as 75.9999: casting would shift token positions
     state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = (torch.arange(77.0) - 1e-4)[None]
     save_file(state, str(tmp_path / "old.safetensors"))
-    models = ADAPTER.load(ModelOptions(str(tmp_path / "old.safetensors"), model_config=sd1["model_config"]))
+    models = ADAPTER.load(SD1Options(str(tmp_path / "old.safetensors"), model_config=sd1["model_config"]))
     position_ids = models.text_encoders[0].embeddings.position_ids
     assert position_ids.dtype == torch.long and torch.equal(position_ids[0], torch.arange(77))
     torch.testing.assert_close(_encode(models)["encoder_hidden_states"], _encode(from_file)["encoder_hidden_states"])
@@ -147,7 +147,7 @@ def test_pickle_with_arbitrary_objects_is_refused_even_with_flag(tmp_path):
 
 def test_missing_path_unknown_type_and_non_diffusers_folder(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        ADAPTER.load(ModelOptions(str(tmp_path / "nope.safetensors")))
+        ADAPTER.load(SD1Options(str(tmp_path / "nope.safetensors")))
     (tmp_path / "weights.onnx").write_bytes(b"x")
     with pytest.raises(UserError, match="unknown file type"):
         loading.resolve_model_source(str(tmp_path / "weights.onnx"))
@@ -164,7 +164,7 @@ def test_hub_id_not_cached_is_a_quick_error(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     start = time.monotonic()
     with pytest.raises(UserError, match="not in the local Hugging Face cache"):
-        ADAPTER.load(ModelOptions("some-org/some-model-that-is-not-cached"))
+        ADAPTER.load(SD1Options("some-org/some-model-that-is-not-cached"))
     assert time.monotonic() - start < 2.0
 
 
@@ -182,8 +182,8 @@ def test_hub_id_in_local_cache_resolves_to_its_snapshot(monkeypatch, tmp_path):
 
 
 def test_weight_dtype_applies_to_every_module(sd1):
-    for opts in (ModelOptions(sd1["diffusers"], weight_dtype=torch.bfloat16),
-                 ModelOptions(sd1["single_file"], model_config=sd1["model_config"], weight_dtype=torch.bfloat16)):
+    for opts in (SD1Options(sd1["diffusers"], weight_dtype=torch.bfloat16),
+                 SD1Options(sd1["single_file"], model_config=sd1["model_config"], weight_dtype=torch.bfloat16)):
         models = ADAPTER.load(opts)
         for module in (models.denoiser, models.vae, models.text_encoders[0]):
             assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
@@ -196,30 +196,30 @@ def test_weight_dtype_applies_to_every_module(sd1):
 def test_sd2_single_file_openclip_layout_matches_folder():
     paths = tiny_sd1_paths(v2=True, v_prediction=True)
     opts = dict(v2=True, v_parameterization=True)
-    a = ADAPTER.load(ModelOptions(paths["diffusers"], **opts))
-    b = ADAPTER.load(ModelOptions(paths["single_file"], model_config=paths["model_config"], **opts))
+    a = ADAPTER.load(SD1Options(paths["diffusers"], **opts))
+    b = ADAPTER.load(SD1Options(paths["single_file"], model_config=paths["model_config"], **opts))
     for ma, mb in [(a.denoiser, b.denoiser), (a.vae, b.vae), (a.text_encoders[0], b.text_encoders[0])]:
         assert _state_dicts_equal(ma, mb)
     assert torch.equal(_encode(a)["encoder_hidden_states"], _encode(b)["encoder_hidden_states"])
     with pytest.raises(UserError, match="--v2: .*add --v2"):
-        ADAPTER.load(ModelOptions(paths["single_file"], model_config=paths["model_config"]))
+        ADAPTER.load(SD1Options(paths["single_file"], model_config=paths["model_config"]))
     with pytest.raises(UserError, match="--v2: .*remove --v2"):
         sd1 = tiny_sd1_paths()
-        ADAPTER.load(ModelOptions(sd1["single_file"], model_config=sd1["model_config"], v2=True))
+        ADAPTER.load(SD1Options(sd1["single_file"], model_config=sd1["model_config"], v2=True))
 
 
 # ----------------------------------------------------------------------------------------------
 # Prediction type, schedule, images, pipeline
 # ----------------------------------------------------------------------------------------------
 def test_prediction_type_and_v_prediction_config(sd1, caplog):
-    assert ADAPTER.prediction_type(ModelOptions("x")) == "epsilon"
-    assert ADAPTER.prediction_type(ModelOptions("x", v_parameterization=True)) == "v_prediction"
-    models = ADAPTER.load(ModelOptions(sd1["diffusers"], v_parameterization=True))
+    assert ADAPTER.prediction_type(SD1Options("x")) == "epsilon"
+    assert ADAPTER.prediction_type(SD1Options("x", v_parameterization=True)) == "v_prediction"
+    models = ADAPTER.load(SD1Options(sd1["diffusers"], v_parameterization=True))
     assert models.scheduler_config["prediction_type"] == "v_prediction"
     assert ADAPTER.pipeline(models).scheduler.config.prediction_type == "v_prediction"
     v_model = tiny_sd1_paths(v2=True, v_prediction=True)["diffusers"]
     with caplog.at_level(logging.WARNING, logger="library.families.sd1"):
-        eps = ADAPTER.load(ModelOptions(v_model, v2=True))  # the folder says v, the flag says ε: warn
+        eps = ADAPTER.load(SD1Options(v_model, v2=True))  # the folder says v, the flag says ε: warn
     assert eps.scheduler_config["prediction_type"] == "epsilon"
     assert "prediction_type=v_prediction" in caplog.text
 
@@ -263,9 +263,9 @@ def test_pipeline_makes_a_64px_image_in_two_steps(from_folder):
 # Text: clip_skip and max_token_length (KS semantics)
 # ----------------------------------------------------------------------------------------------
 def test_clip_skip_is_penultimate_layer_then_final_layer_norm(sd1):
-    base = ADAPTER.load(ModelOptions(sd1["diffusers"]))
-    skip1 = ADAPTER.load(ModelOptions(sd1["diffusers"], clip_skip=1))
-    skip2 = ADAPTER.load(ModelOptions(sd1["diffusers"], clip_skip=2))
+    base = ADAPTER.load(SD1Options(sd1["diffusers"]))
+    skip1 = ADAPTER.load(SD1Options(sd1["diffusers"], clip_skip=1))
+    skip2 = ADAPTER.load(SD1Options(sd1["diffusers"], clip_skip=2))
     h_none = _encode(base)["encoder_hidden_states"]
     h1, h2 = _encode(skip1)["encoder_hidden_states"], _encode(skip2)["encoder_hidden_states"]
     torch.testing.assert_close(h1, h_none)   # layer −1 + final norm is the plain last hidden state
@@ -285,11 +285,11 @@ def test_clip_skip_is_penultimate_layer_then_final_layer_norm(sd1):
     manual = truncated(ADAPTER.tokenize(base, CAPTIONS)[0])[0]
     torch.testing.assert_close(h2, manual, rtol=1e-5, atol=1e-5)
     with pytest.raises(UserError, match="--clip_skip"):
-        ADAPTER.load(ModelOptions(sd1["diffusers"], clip_skip=3))
+        ADAPTER.load(SD1Options(sd1["diffusers"], clip_skip=3))
 
 
 def test_max_token_length_150_shapes_and_chunks(sd1):
-    models = ADAPTER.load(ModelOptions(sd1["diffusers"], max_token_length=150))
+    models = ADAPTER.load(SD1Options(sd1["diffusers"], max_token_length=150))
     tok = models.tokenizers[0]
     long_caption = " ".join(["cat", "dog"] * 45)  # 90 tokens: spills into the second chunk
     ids = ADAPTER.tokenize(models, [long_caption, "a cat"])[0]
@@ -305,10 +305,10 @@ def test_max_token_length_150_shapes_and_chunks(sd1):
     per_chunk = models.text_encoders[0](ids.reshape(4, 77))[0].reshape(2, 154, 32)
     expected = torch.cat([per_chunk[:, :1], per_chunk[:, 1:76], per_chunk[:, 78:153], per_chunk[:, 153:]], dim=1)
     torch.testing.assert_close(hidden, expected)
-    models225 = ADAPTER.load(ModelOptions(sd1["diffusers"], max_token_length=225))
+    models225 = ADAPTER.load(SD1Options(sd1["diffusers"], max_token_length=225))
     assert _encode(models225)["encoder_hidden_states"].shape == (2, 227, 32)
     with pytest.raises(UserError, match="--max_token_length"):
-        ADAPTER.load(ModelOptions(sd1["diffusers"], max_token_length=100))
+        ADAPTER.load(SD1Options(sd1["diffusers"], max_token_length=100))
 
 
 def test_chunk_token_ids_sd2_padding_repair():
@@ -381,8 +381,8 @@ def test_make_tiny_model_tool_output_loads_both_ways(tmp_path, capsys):
     out, single = str(tmp_path / "tiny"), str(tmp_path / "tiny.safetensors")
     assert main(["--out", out, "--single_file", single, "--v_prediction", "--seed", "3"]) == 0
     assert f"model_config: {tmp_path / 'tiny_config'}" in capsys.readouterr().out
-    a = ADAPTER.load(ModelOptions(out, v_parameterization=True))
-    b = ADAPTER.load(ModelOptions(single, model_config=str(tmp_path / "tiny_config"), v_parameterization=True))
+    a = ADAPTER.load(SD1Options(out, v_parameterization=True))
+    b = ADAPTER.load(SD1Options(single, model_config=str(tmp_path / "tiny_config"), v_parameterization=True))
     assert _state_dicts_equal(a.denoiser, b.denoiser)
     assert loading.read_scheduler_config(out)["prediction_type"] == "v_prediction"
     assert not os.path.exists(tmp_path / "tiny_config" / "unet" / "diffusion_pytorch_model.safetensors")

@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 
 from library.errors import UserError
 from library.families import sd3
-from library.families.base import ModelOptions, Models
-from library.families.sd3 import ADAPTER
+from library.families.base import Models
+from library.families.sd3 import ADAPTER, SD3Options
 from library.sd3_convert import CLIP_G_PREFIX, CLIP_L_PREFIX, mmdit_to_sai
 from tests.fixtures.tiny_sd3 import write_tiny_sd3, without_t5
 
@@ -26,11 +26,11 @@ def tiny(tmp_path_factory):
     return write_tiny_sd3(str(tmp_path_factory.mktemp("tiny_sd3")))
 
 
-def options(tiny, source: str, **kwargs) -> ModelOptions:
+def options(tiny, source: str, **kwargs) -> SD3Options:
     path = {"diffusers": tiny.diffusers_dir, "diffusers_no_t5": tiny.diffusers_no_t5_dir,
             "single_file": tiny.single_file, "single_file_no_t5": tiny.single_file_no_t5}[source]
     model_config = tiny.config_dir if source.startswith("single_file") else None
-    return ModelOptions(path, model_config=model_config, t5xxl_max_token_length=T5_LEN, **kwargs)
+    return SD3Options(path, model_config=model_config, t5xxl_max_token_length=T5_LEN, **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -140,7 +140,7 @@ def test_predict_is_identical_across_sources_and_equals_the_transformer(tiny, lo
 
 def test_single_file_needs_the_model_config_for_a_non_sd3_medium_architecture(tiny):
     """Without --model_config the shipped SD3-medium config is used: the tiny file does not fit it."""
-    opts = ModelOptions(tiny.single_file_no_t5, t5xxl_max_token_length=T5_LEN)
+    opts = SD3Options(tiny.single_file_no_t5, t5xxl_max_token_length=T5_LEN)
     with pytest.raises(UserError, match="--model_config"):
         ADAPTER.load(opts)
 
@@ -150,7 +150,7 @@ def test_model_config_override_decides_the_architecture(tiny, tmp_path):
     config_dir = shutil.copytree(tiny.config_dir, tmp_path / "config")
     (config_dir / "scheduler" / "scheduler_config.json").write_text(
         '{"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.5}')
-    models = ADAPTER.load(ModelOptions(tiny.single_file_no_t5, model_config=str(config_dir),
+    models = ADAPTER.load(SD3Options(tiny.single_file_no_t5, model_config=str(config_dir),
                                        t5xxl_max_token_length=T5_LEN))
     assert models.scheduler_config["shift"] == 1.5
     assert models.tokenizers[1].pad_token == "!" and models.tokenizers[0].pad_token == "<|endoftext|>"
@@ -158,7 +158,7 @@ def test_model_config_override_decides_the_architecture(tiny, tmp_path):
 
 def test_model_config_with_a_diffusers_folder_is_rejected(tiny):
     with pytest.raises(UserError, match="--model_config"):
-        ADAPTER.load(ModelOptions(tiny.diffusers_dir, model_config=tiny.config_dir))
+        ADAPTER.load(SD3Options(tiny.diffusers_dir, model_config=tiny.config_dir))
 
 
 def test_t5_weights_without_a_tokenizer_name_the_way_out(tiny, tmp_path, monkeypatch):
@@ -166,12 +166,12 @@ def test_t5_weights_without_a_tokenizer_name_the_way_out(tiny, tmp_path, monkeyp
     shutil.rmtree(config_dir / "tokenizer_3")
     monkeypatch.setattr(sd3, "CACHED_T5_TOKENIZERS", ())  # whatever this machine's HF cache holds
     with pytest.raises(UserError, match=r"tokenizer_3.*--t5xxl none"):
-        ADAPTER.load(ModelOptions(tiny.single_file, model_config=str(config_dir), t5xxl_max_token_length=T5_LEN))
+        ADAPTER.load(SD3Options(tiny.single_file, model_config=str(config_dir), t5xxl_max_token_length=T5_LEN))
 
 
 def test_t5xxl_none_drops_t5(tiny):
     opts = options(tiny, "single_file")
-    opts.t5xxl = sd3.NO_T5   # KS-style --t5xxl flag; not (yet) a ModelOptions field
+    opts.t5xxl = sd3.NO_T5   # KS-style --t5xxl flag; not (yet) a SD3Options field
     models = ADAPTER.load(opts)
     assert len(models.text_encoders) == 2 and len(models.tokenizers) == 2
 
@@ -186,7 +186,7 @@ def test_separate_text_encoder_files(tiny, tmp_path):
               tmp_path / "clip_l.safetensors")
     save_file({k[len(CLIP_G_PREFIX):]: v for k, v in full.items() if k.startswith(CLIP_G_PREFIX)},
               tmp_path / "clip_g.safetensors")
-    opts = ModelOptions(str(tmp_path / "mmdit_vae.safetensors"), model_config=tiny.config_dir)
+    opts = SD3Options(str(tmp_path / "mmdit_vae.safetensors"), model_config=tiny.config_dir)
     with pytest.raises(UserError, match="--clip_l: the checkpoint has no text_encoder weights"):
         ADAPTER.load(opts)
     opts.clip_l, opts.clip_g = str(tmp_path / "clip_l.safetensors"), str(tmp_path / "clip_g.safetensors")
@@ -196,7 +196,7 @@ def test_separate_text_encoder_files(tiny, tmp_path):
         assert all(torch.equal(got.state_dict()[k], reference[k]) for k in reference)
 
 
-@pytest.mark.parametrize("flag, value", [("v_parameterization", True), ("clip_skip", 2), ("zero_terminal_snr", True),
+@pytest.mark.parametrize("flag, value", [("v_parameterization", True), ("zero_terminal_snr", True),
                                          ("max_token_length", 150), ("t5xxl_max_token_length", 0)])
 def test_options_that_mean_nothing_for_sd3_are_rejected(tiny, flag, value):
     opts = options(tiny, "diffusers")

@@ -129,13 +129,19 @@ def test_shipped_tokenizers_share_the_sd15_bpe_with_sdxl_padding():
     assert ids_2 == [49406, 320, 1125, 539, 320, 2368, 49407, 0, 0, 0]  # "!" is id 0
 
 
-@pytest.mark.parametrize("field,value,flag", [
-    ("v2", True, "--v2"), ("clip_skip", 2, "--clip_skip"), ("max_token_length", 100, "--max_token_length"),
-])
-def test_invalid_flags_are_user_errors(tiny_files, field, value, flag):
-    opts = ModelOptions(tiny_files.diffusers_dir, **{field: value})
-    with pytest.raises(UserError, match=flag):
-        ADAPTER.load(opts)
+def test_invalid_flags_are_user_errors(tiny_files):
+    with pytest.raises(UserError, match="--max_token_length"):
+        ADAPTER.load(ModelOptions(tiny_files.diffusers_dir, max_token_length=100))
+
+
+@pytest.mark.parametrize("flag", [["--v2"], ["--clip_skip", "2"], ["--precondition_outputs"]])
+def test_other_families_flags_are_not_sdxl_flags(flag, capsys):
+    """SDXL's options have no --v2 / --clip_skip / --precondition_outputs: sdxl_train_network.py rejects them."""
+    from library import train_util
+
+    with pytest.raises(SystemExit):
+        train_util.parse_args("sdxl", flag)
+    assert flag[0] in capsys.readouterr().err
 
 
 def test_model_config_with_a_diffusers_folder_is_a_user_error(tiny_files):

@@ -3,7 +3,7 @@ import argparse
 
 import pytest
 
-from library import loss_config
+from library import families, loss_config
 from library.errors import UserError
 from library.loss_config import LossConfig
 
@@ -20,7 +20,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def build(argv: str, family: str = "sd1") -> LossConfig:
     args = make_parser().parse_args(argv.split())
-    kind = loss_config.FAMILY_KINDS[family]
+    kind = families.kind_of(family)
     prediction = ("v_prediction" if args.v_parameterization else "epsilon") if kind == "ddpm" else "flow"
     return LossConfig.from_args(args, family, prediction)
 

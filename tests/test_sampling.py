@@ -11,6 +11,8 @@ from PIL import Image
 from library.errors import UserError
 from library.families import get_adapter
 from library.families.base import ModelOptions
+from library.families.sd1 import SD1Options
+from library.families.sd3 import SD3Options
 from library.sampling import (SAMPLER_NAMES, PromptSpec, generate_samples, make_sample_scheduler, parse_prompt_file,
                               sample_file_name, sample_label)
 from tests.train_helpers import save_tiny_sd15
@@ -139,7 +141,7 @@ def check_generation(adapter, models, tmp_path, size=64):
 def test_generate_samples_sd1(tmp_path_factory, tmp_path):
     model = save_tiny_sd15(str(tmp_path_factory.mktemp("sampling") / "sd15"))
     adapter = get_adapter("sd1")
-    models = adapter.load(ModelOptions(model))
+    models = adapter.load(SD1Options(model))
     images = check_generation(adapter, models, tmp_path)
     assert not np.array_equal(images[0], images[1])  # different prompt and seed, different image
 
@@ -158,4 +160,4 @@ def test_generate_samples_sd3(tmp_path):
 
     build_sd3(0, with_t5=False).save_pretrained(str(tmp_path / "sd3"))
     adapter = get_adapter("sd3")
-    check_generation(adapter, adapter.load(ModelOptions(str(tmp_path / "sd3"))), tmp_path / "out")
+    check_generation(adapter, adapter.load(SD3Options(str(tmp_path / "sd3"))), tmp_path / "out")

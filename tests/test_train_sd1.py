@@ -104,14 +104,14 @@ def test_zero_terminal_snr_losses_finite_at_every_timestep(sd15_v, dataset, tmp_
     from library.loss_config import LossConfig
     from library import train_util
     from library.families import get_adapter
-    from library.families.base import ModelOptions
+    from library.families.sd1 import SD1Options
 
     args = train_util.parse_args("sd1", ["--v_parameterization", "--zero_terminal_snr", "--min_snr_gamma", "5",
                                          "--debiased_estimation_loss", "--loss_type", "huber"])
     cfg = LossConfig.from_args(args, "sd1", "v_prediction")
     adapter = get_adapter("sd1")
-    models = adapter.load(ModelOptions(pretrained_model_name_or_path=sd15_v, v_parameterization=True,
-                                       zero_terminal_snr=True))
+    models = adapter.load(SD1Options(pretrained_model_name_or_path=sd15_v, v_parameterization=True,
+                                     zero_terminal_snr=True))
     engine = LossEngine(cfg, "ddpm", "v_prediction", models.alphas_cumprod, seed=0, rank=0, world_size=1,
                         max_train_steps=10, zero_terminal_snr=True)
     latents = torch.randn(1000, 4, 8, 8)

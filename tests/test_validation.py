@@ -8,8 +8,8 @@ import torch
 from library.data import DatasetOptions, build_dataset_group
 from library.engine import LossEngine
 from library.errors import UserError
-from library.families import get_adapter
-from library.families.base import ModelOptions
+from library.families import get_adapter, get_family
+from library.families.sd1 import SD1Options
 from library.loss_config import LossConfig
 from library.schedules import shift
 from library.validation import (ValidationSet, due_at_epoch_end, due_at_step, fixed_validation_levels,
@@ -70,7 +70,7 @@ def workspace(tmp_path_factory):
 def sd1(workspace):
     group = build_dataset_group(DatasetOptions(dataset_config=str(workspace / "ds.toml")))
     adapter = get_adapter("sd1")
-    models = adapter.load(ModelOptions(str(workspace / "model")))
+    models = adapter.load(SD1Options(str(workspace / "model")))
     engine = make_engine(alphas_cumprod=models.alphas_cumprod)
     return group, adapter, models, engine
 
@@ -218,7 +218,10 @@ def test_validation_for_sdxl_and_sd3(workspace, tmp_path, family, prediction):
 
     (build_sdxl(0) if family == "sdxl" else build_sd3(0, with_t5=False)).save_pretrained(str(tmp_path / "model"))
     adapter = get_adapter(family)
-    models = adapter.load(ModelOptions(str(tmp_path / "model"), precondition_outputs=prediction == "flow_x0"))
+    opts = get_family(family).options_class(str(tmp_path / "model"))
+    if prediction == "flow_x0":
+        opts.precondition_outputs = True
+    models = adapter.load(opts)
     engine = make_engine(family, prediction, alphas_cumprod=models.alphas_cumprod, min_snr_gamma=1.0)
     group = build_dataset_group(DatasetOptions(dataset_config=str(workspace / "ds.toml")))
     vset = ValidationSet.build(group, adapter, models, engine, seed=5, num_levels=3)
@@ -238,7 +241,7 @@ from accelerate import Accelerator
 from library.data import DatasetOptions, build_dataset_group
 from library.engine import LossEngine
 from library.families import get_adapter
-from library.families.base import ModelOptions
+from library.families.sd1 import SD1Options
 from library.loss_config import LossConfig
 from library.validation import ValidationSet, text_conditioning
 
@@ -246,7 +249,7 @@ model, toml, out = sys.argv[1:4]
 accelerator = Accelerator(cpu=True)
 group = build_dataset_group(DatasetOptions(dataset_config=toml))
 adapter = get_adapter("sd1")
-models = adapter.load(ModelOptions(model))
+models = adapter.load(SD1Options(model))
 engine = LossEngine(LossConfig(), "ddpm", "epsilon", models.alphas_cumprod, seed=1, rank=accelerator.process_index,
                     world_size=accelerator.num_processes, max_train_steps=10)
 vset = ValidationSet.build(group, adapter, models, engine, seed=5, num_levels=4)

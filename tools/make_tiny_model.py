@@ -18,9 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from library import families  # noqa: E402
 from library.errors import UserError  # noqa: E402
-
-FAMILIES = ("sd1", "sdxl", "sd3")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--single_file", default=None, help="also write an LDM single-file .safetensors (sd1 only)")
     parser.add_argument("--model_config_out", default=None,
                         help="where the single file's --model_config folder goes (default: <single_file stem>_config)")
-    parser.add_argument("--family", default="sd1", choices=FAMILIES)
+    parser.add_argument("--family", default="sd1", choices=families.names())
     parser.add_argument("--v2", action="store_true", help="sd1: an SD2-shaped model (OpenCLIP layout, pad '!')")
     parser.add_argument("--v_prediction", action="store_true", help="sd1: scheduler prediction_type v_prediction")
     parser.add_argument("--seed", type=int, default=0)
@@ -39,19 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
 def make_tiny_model(out: str, single_file: str | None = None, model_config_out: str | None = None,
                     family: str = "sd1", v2: bool = False, v_prediction: bool = False, seed: int = 0) -> dict:
     """Write the model; returns {"diffusers": DIR, "single_file": FILE | None, "model_config": DIR | None}."""
-    from library import tiny_models
-
     if single_file and not single_file.lower().endswith(".safetensors"):
         raise UserError(f"--single_file: '{single_file}' must end in .safetensors")
-    if family == "sd1":
-        return tiny_models.write_tiny_sd1(out, single_file=single_file, config_dir=model_config_out, v2=v2,
-                                          v_prediction=v_prediction, seed=seed)
-    for flag, value in (("--single_file", single_file), ("--v2", v2), ("--v_prediction", v_prediction)):
-        if value:
-            raise UserError(f"{flag}: only supported with --family sd1")
-    pipe = tiny_models.build_sdxl(seed) if family == "sdxl" else tiny_models.build_sd3(seed)
-    pipe.save_pretrained(out, safe_serialization=True)
-    return {"diffusers": out, "single_file": None, "model_config": None}
+    entry = families.get_family(family)
+    given = {"single_file": single_file, "model_config_out": model_config_out, "v2": v2, "v_prediction": v_prediction}
+    for name in ("single_file", "v2", "v_prediction"):
+        if given[name] and name not in entry.tiny_model_flags:
+            able = " or ".join(f.name for f in families.all_families() if name in f.tiny_model_flags)
+            raise UserError(f"--{name}: only supported with --family {able}")
+    return entry.write_tiny_model(out, seed=seed, **{k: v for k, v in given.items() if k in entry.tiny_model_flags})
 
 
 def main(argv: list[str] | None = None) -> int:

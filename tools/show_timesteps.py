@@ -32,12 +32,11 @@ if __package__ in (None, ""):  # run as a script: make `library` importable
 
 import torch
 
-from library import loss_config
+from library import families, loss_config
 from library.engine import LossEngine, NoiseLevels
 from library.errors import UserError
 from library.losses import THRESHOLD_LOSS_TYPES
 
-FAMILIES = ("sd1", "sd2", "sdxl", "sd3")
 CURVE_HEADER = "index,timestep,sigma,snr,loss_weight,huber_c"
 SAMPLE_HEADER = "step,u,timestep,bin,sigma,snr,sample_weight"
 
@@ -45,7 +44,8 @@ SAMPLE_HEADER = "step,u,timestep,bin,sigma,snr,sample_weight"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Draw what the loss and timestep flags mean.", allow_abbrev=False)
     g = parser.add_argument_group("model and run")
-    g.add_argument("--model_family", choices=FAMILIES, default="sd1", help="sd1/sd2/sdxl (DDPM) or sd3 (flow)")
+    g.add_argument("--model_family", choices=families.names(aliases=True), default="sd1",
+                   help="sd1/sd2/sdxl (DDPM) or sd3 (flow)")
     g.add_argument("--v_parameterization", action="store_true")
     g.add_argument("--zero_terminal_snr", action="store_true")
     g.add_argument("--precondition_outputs", action="store_true", help="SD3: x0 preconditioning")
@@ -85,18 +85,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _latent_shape(args: argparse.Namespace) -> tuple[int, int, int, int]:
-    text = args.resolution or ("512" if args.model_family in ("sd1", "sd2") else "1024")
+    family = families.get_family(args.model_family)
+    text = args.resolution or str(family.default_resolution)
     try:
         sizes = [int(s) for s in str(text).split(",")]
     except ValueError:
         raise UserError(f"--resolution: '{text}' is not '1024' or 'W,H'") from None
     width, height = sizes[0], sizes[-1]
-    return (1, 16 if args.model_family == "sd3" else 4, height // 8, width // 8)
+    return (1, family.latent_channels, height // 8, width // 8)
 
 
 def make_engine(args: argparse.Namespace) -> LossEngine:
     family = args.model_family
-    kind = loss_config.FAMILY_KINDS[family]
+    kind = families.kind_of(family)
     prediction = ("v_prediction" if args.v_parameterization else "epsilon") if kind == "ddpm" else "flow"
     cfg = loss_config.LossConfig.from_args(args, family, prediction)
     return LossEngine(cfg, kind, cfg.prediction_type, None, seed=args.seed or 0, rank=0, world_size=1,

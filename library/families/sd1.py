@@ -10,15 +10,18 @@ Text options that the protocol's encode_text cannot receive live in `Models.extr
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from library.errors import UserError
 from library.families import loading
-from library.families.base import ModelOptions, Models
+from library.families.base import Family, ModelOptions, Models
+from networks import lora_keys
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +31,19 @@ MAX_TOKEN_LENGTHS = (75, 150, 225)
 # The SD2 LDM checkpoints hold the OpenCLIP-H text encoder here; SD1 holds CLIP-L under `transformer.`.
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
 CLIP_PREFIX = "cond_stage_model.transformer."
+
+
+@dataclass
+class SD1Options(ModelOptions):
+    """The common model flags plus SD1's own (add_arguments)."""
+    v2: bool = False
+    clip_skip: int | None = None
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    """SD1's own model flags (KS train_network.py)."""
+    group.add_argument("--v2", action="store_true", help="load an SD2.x model")
+    group.add_argument("--clip_skip", type=int, default=None, help="use the output of the N-th last text-encoder layer")
 
 
 def config_key(v2: bool) -> str:
@@ -130,7 +146,7 @@ def _text_encoder_state(state: dict[str, torch.Tensor], num_layers: int, model: 
     return {k: v for k, v in converted.items() if not k.startswith("text_projection")}
 
 
-def _load_single_file(path: str, opts: ModelOptions, config_dir: str) -> tuple[Any, Any, Any]:
+def _load_single_file(path: str, opts: SD1Options, config_dir: str) -> tuple[Any, Any, Any]:
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -158,7 +174,7 @@ def _load_single_file(path: str, opts: ModelOptions, config_dir: str) -> tuple[A
 # ----------------------------------------------------------------------------------------------
 # The adapter
 # ----------------------------------------------------------------------------------------------
-def _validate_text_options(opts: ModelOptions, num_layers: int) -> None:
+def _validate_text_options(opts: SD1Options, num_layers: int) -> None:
     if opts.max_token_length is not None and opts.max_token_length not in MAX_TOKEN_LENGTHS:
         raise UserError(f"--max_token_length: {opts.max_token_length} is not supported; use one of "
                         f"{', '.join(map(str, MAX_TOKEN_LENGTHS))} (or leave it unset for 75)")
@@ -174,10 +190,10 @@ class SD1Adapter:
     kind = "ddpm"
     bucket_reso_steps = 64
 
-    def prediction_type(self, opts: ModelOptions) -> str:
+    def prediction_type(self, opts: SD1Options) -> str:
         return "v_prediction" if opts.v_parameterization else "epsilon"
 
-    def load(self, opts: ModelOptions) -> Models:
+    def load(self, opts: SD1Options) -> Models:
         """Diffusers folder or LDM single file -> Models (offline). --model_config only applies to single files
         (a diffusers folder carries its own configs); --vae replaces the VAE in either case."""
         from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -275,4 +291,35 @@ class SD1Adapter:
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
+    def pipeline_kwargs(self, models: Models) -> dict[str, Any]:
+        """KS --clip_skip N is diffusers clip_skip N − 1."""
+        clip_skip = models.extra.get("clip_skip")
+        return {"clip_skip": clip_skip - 1} if clip_skip and clip_skip > 1 else {}
+
+
 ADAPTER = SD1Adapter()
+
+
+def base_model_version(args: argparse.Namespace) -> str:
+    """KS ss_base_model_version: sd_v1, or sd_v2 / sd_v2_v (--v2 with --v_parameterization)."""
+    if getattr(args, "v2", False):
+        return "sd_v2" + ("_v" if args.v_parameterization else "")
+    return "sd_v1"
+
+
+def write_tiny_model(out: str, seed: int = 0, single_file: str | None = None, model_config_out: str | None = None,
+                     v2: bool = False, v_prediction: bool = False) -> dict:
+    from library import tiny_models
+
+    return tiny_models.write_tiny_sd1(out, single_file=single_file, config_dir=model_config_out, v2=v2,
+                                      v_prediction=v_prediction, seed=seed)
+
+
+FAMILY = Family(
+    adapter_class=SD1Adapter, entry_script="train_network.py", prediction_types=("epsilon", "v_prediction"),
+    options_class=SD1Options, add_arguments=add_arguments, aliases=("sd2",),
+    lora_unet_targets=lora_keys.ks_unet_targets, lora_file_format="kohya",
+    detects=lambda denoiser: True,   # any UNet the more specific families (tried first) do not claim
+    base_model_version=base_model_version,
+    write_tiny_model=write_tiny_model, tiny_model_flags=("single_file", "model_config_out", "v2", "v_prediction"),
+    default_resolution=512, latent_channels=4)

@@ -8,15 +8,18 @@ See docs/sd3.md.
 """
 from __future__ import annotations
 
+import argparse
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from library.errors import UserError
 from library.families import loading
-from library.families.base import ModelOptions, Models
+from library.families.base import Family, ModelOptions, Models
 from library.sd3_convert import CLIP_G_PREFIX, CLIP_L_PREFIX, MMDIT_PREFIX, T5_PREFIX
+from networks import lora_keys
 
 FAMILY_KEY = "sd3"   # configs/models/sd3: SD3 medium architecture
 # The CLIP BPE files are shipped once, with SD1.5; SD3's CLIP-G tokenizer differs only by padding with '!'
@@ -31,19 +34,36 @@ SOURCE_FLAG = "--pretrained_model_name_or_path"
 # ----------------------------------------------------------------------------------------------
 # Options
 # ----------------------------------------------------------------------------------------------
-def _component_path(opts: ModelOptions, name: str) -> str | None:
-    """KS sd3 flags --clip_l / --clip_g / --t5xxl (separate text-encoder files). ModelOptions does not declare
-    them yet, so they are read when present."""
-    return getattr(opts, name, None) or None
+@dataclass
+class SD3Options(ModelOptions):
+    """The common model flags plus SD3's own (add_arguments)."""
+    precondition_outputs: bool = False
+    t5xxl_max_token_length: int = 256
+    clip_l: str | None = None            # separate text-encoder files (KS flags)
+    clip_g: str | None = None
+    t5xxl: str | None = None             # a file, or "none" to train without T5
 
 
-def check_options(opts: ModelOptions) -> None:
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    """SD3's own model flags (KS sd3_train_network.py)."""
+    group.add_argument("--precondition_outputs", action="store_true",
+                       help="x0 preconditioning: prediction x0 = x_sigma - sigma * F, target x0 (KS SD3 behaviour)")
+    group.add_argument("--t5xxl_max_token_length", type=int, default=256, help="T5 sequence length")
+    group.add_argument("--clip_l", type=str, default=None, help="CLIP-L weights when the checkpoint has none")
+    group.add_argument("--clip_g", type=str, default=None, help="CLIP-G weights when the checkpoint has none")
+    group.add_argument("--t5xxl", type=str, default=None, help="T5-XXL weights, or 'none' to train without T5")
+
+
+def _component_path(opts: SD3Options, name: str) -> str | None:
+    """KS sd3 flags --clip_l / --clip_g / --t5xxl (separate text-encoder files); "" counts as not given."""
+    return getattr(opts, name) or None
+
+
+def check_options(opts: SD3Options) -> None:
     """Reject model flags that mean nothing for SD3 (spec §0: silent ignores are bugs)."""
     rejected = {
-        "--v2": (opts.v2, "SD3 is its own family; drop --v2"),
         "--v_parameterization": (opts.v_parameterization, "SD3 is a flow model (target ε − x0); drop it"),
         "--zero_terminal_snr": (opts.zero_terminal_snr, "it rescales a DDPM schedule; SD3 uses flow σ"),
-        "--clip_skip": (opts.clip_skip is not None, "SD3 always uses the penultimate CLIP layers; drop it"),
         "--max_token_length": (opts.max_token_length is not None,
                                "SD3's CLIP encoders take 77 tokens; use --t5xxl_max_token_length for T5"),
     }
@@ -83,7 +103,7 @@ def _with_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, 
     return {k: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
-def _component_state_dict(opts: ModelOptions, name: str, checkpoint: dict[str, torch.Tensor],
+def _component_state_dict(opts: SD3Options, name: str, checkpoint: dict[str, torch.Tensor],
                           prefix: str) -> dict[str, torch.Tensor] | None:
     """The `prefix`-stripped weights of a text encoder: from its own file (--clip_l/--clip_g/--t5xxl; bare
     transformers keys or SAI-prefixed) or from the main checkpoint. None when neither has them."""
@@ -96,7 +116,7 @@ def _component_state_dict(opts: ModelOptions, name: str, checkpoint: dict[str, t
     return {k[len(prefix):]: v for k, v in prefixed.items()} or None
 
 
-def _mmdit_from_checkpoint(checkpoint: dict[str, torch.Tensor], config_dir: str, opts: ModelOptions) -> Any:
+def _mmdit_from_checkpoint(checkpoint: dict[str, torch.Tensor], config_dir: str, opts: SD3Options) -> Any:
     """SD3Transformer2DModel from `model.diffusion_model.*` via diffusers' own converter."""
     from diffusers import SD3Transformer2DModel
     from diffusers.loaders.single_file_utils import (convert_sd3_transformer_checkpoint_to_diffusers,
@@ -121,7 +141,7 @@ def _mmdit_from_checkpoint(checkpoint: dict[str, torch.Tensor], config_dir: str,
 
 
 def _clip_from_state_dict(state_dict: dict[str, torch.Tensor] | None, config_dir: str, subfolder: str,
-                          flag: str, opts: ModelOptions, identity_projection: bool) -> Any:
+                          flag: str, opts: SD3Options, identity_projection: bool) -> Any:
     """CLIPTextModelWithProjection from transformers-layout keys (`text_model.*`, `text_projection.weight`).
 
     identity_projection: SD3 uses CLIP-L's pooled output unprojected (SAI sd3_impls return_projected_pooled=False;
@@ -142,7 +162,7 @@ def _clip_from_state_dict(state_dict: dict[str, torch.Tensor] | None, config_dir
                                      opts.weight_dtype, flag)
 
 
-def _t5_from_state_dict(state_dict: dict[str, torch.Tensor], config_dir: str, opts: ModelOptions) -> Any:
+def _t5_from_state_dict(state_dict: dict[str, torch.Tensor], config_dir: str, opts: SD3Options) -> Any:
     """T5EncoderModel from transformers-layout keys; files store the tied embedding once (`shared.weight`)."""
     from transformers import T5EncoderModel
 
@@ -161,7 +181,7 @@ def _t5_from_state_dict(state_dict: dict[str, torch.Tensor], config_dir: str, op
     return t5
 
 
-def _load_single_file(opts: ModelOptions, path: str) -> tuple[Any, Any, list, list, dict, str]:
+def _load_single_file(opts: SD3Options, path: str) -> tuple[Any, Any, list, list, dict, str]:
     """(transformer, vae, text encoders, tokenizers, scheduler config, architecture dir) from an SAI file."""
     config_dir = loading.config_dir_for(FAMILY_KEY, opts.model_config)
     checkpoint = loading.load_single_file_state_dict(path, opts.allow_pickle, SOURCE_FLAG)
@@ -184,7 +204,7 @@ def _load_single_file(opts: ModelOptions, path: str) -> tuple[Any, Any, list, li
         config_dir
 
 
-def _load_diffusers(opts: ModelOptions, root: str) -> tuple[Any, Any, list, list, dict, str]:
+def _load_diffusers(opts: SD3Options, root: str) -> tuple[Any, Any, list, list, dict, str]:
     """The same from a diffusers folder (its own configs); T5 is used when text_encoder_3/ exists, unless
     --t5xxl none (drop it) or --t5xxl FILE (weights from that file, architecture from text_encoder_3/config.json)."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
@@ -228,11 +248,11 @@ class SD3Adapter:
     kind = "flow"
     bucket_reso_steps = 64   # VAE /8 and 2×2 patches need multiples of 16; 64 keeps SD3's buckets coarse
 
-    def prediction_type(self, opts: ModelOptions) -> str:
+    def prediction_type(self, opts: SD3Options) -> str:
         """'flow' (velocity ε − x0), or 'flow_x0' with --precondition_outputs (x̂0 = x_σ − σ·F, KS SD3)."""
         return "flow_x0" if opts.precondition_outputs else "flow"
 
-    def load(self, opts: ModelOptions) -> Models:
+    def load(self, opts: SD3Options) -> Models:
         """MMDiT, VAE, CLIP-L, CLIP-G and optional T5 from a diffusers folder or an SAI single file, offline."""
         check_options(opts)
         kind, path = loading.resolve_model_source(opts.pretrained_model_name_or_path, opts.allow_pickle)
@@ -314,5 +334,25 @@ class SD3Adapter:
             text_encoder_3=models.text_encoders[2] if has_t5 else None,
             tokenizer_3=models.tokenizers[2] if has_t5 else None)
 
+    def pipeline_kwargs(self, models: Models) -> dict[str, Any]:
+        """Sample with the trained T5 length."""
+        length = models.extra.get("t5xxl_max_token_length")
+        return {"max_sequence_length": length} if length else {}
+
 
 ADAPTER = SD3Adapter()
+
+
+def write_tiny_model(out: str, seed: int = 0) -> dict:
+    from library import tiny_models
+
+    return tiny_models.save_tiny_pipeline(tiny_models.build_sd3(seed), out)
+
+
+FAMILY = Family(
+    adapter_class=SD3Adapter, entry_script="sd3_train_network.py", prediction_types=("flow", "flow_x0"),
+    options_class=SD3Options, add_arguments=add_arguments, check=check_options, text_encoder_cache=True,
+    lora_unet_targets=lora_keys.sd3_attention_targets,
+    lora_file_format="peft",   # diffusers / PEFT keys: what diffusers and ComfyUI load for SD3
+    detects=lora_keys.is_sd3_transformer, base_model_version=lambda args: "sd3",
+    write_tiny_model=write_tiny_model, default_resolution=1024, latent_channels=16)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from library.errors import UserError
-from library.families.base import ModelOptions, Models
+from library.families.base import Family, ModelOptions, Models
 from library.families.loading import (
     alphas_cumprod_from_scheduler_config,
     config_dir_for,
@@ -34,6 +34,7 @@ from library.families.loading import (
 )
 from library.families.sd1 import CLIP_CHUNK, MAX_TOKEN_LENGTHS, chunk_token_ids, merge_chunk_states
 from library.sdxl_convert import SAI_CLIP_L_PREFIX, SAI_OPEN_CLIP_G_PREFIX, SAI_UNET_PREFIX
+from networks import lora_keys
 
 logger = logging.getLogger(__name__)
 
@@ -68,19 +69,12 @@ def default_size_conditioning(latents: torch.Tensor, vae_scale_factor: int) -> d
 # Loading
 # ----------------------------------------------------------------------------------------------
 def check_options(opts: ModelOptions) -> None:
-    """SDXL-specific flag checks (KS `sdxl_train_util.verify_sdxl_training_args` rejects --v2 and ignores
-    --clip_skip with a warning; a flag that silently does nothing is an error here)."""
-    if opts.v2:
-        raise UserError("--v2: selects the SD2 architecture and is not valid for SDXL; drop --v2 "
-                        "(use --v_parameterization for a v-prediction SDXL model)")
-    if opts.clip_skip is not None:
-        raise UserError("--clip_skip: SDXL always uses the penultimate layer of both text encoders and does not "
-                        "support clip_skip; drop --clip_skip")
+    """SDXL-specific flag checks. KS `sdxl_train_util.verify_sdxl_training_args` rejects --v2 and ignores
+    --clip_skip with a warning: here sdxl_train_network.py does not offer them (SDXL's options have no such
+    fields), so the parser rejects them."""
     if opts.max_token_length is not None and opts.max_token_length not in MAX_TOKEN_LENGTHS:
         raise UserError(f"--max_token_length: {opts.max_token_length} is not supported; use one of "
                         f"{', '.join(map(str, MAX_TOKEN_LENGTHS))} (or omit it for 75)")
-    if opts.precondition_outputs:
-        raise UserError("--precondition_outputs: applies to SD3 only; drop it for SDXL")
 
 
 def scheduler_config_for_training(base: dict, opts: ModelOptions) -> dict:
@@ -269,6 +263,9 @@ class SDXLAdapter:
             tokenizer=models.tokenizers[0], tokenizer_2=models.tokenizers[1], unet=models.denoiser,
             scheduler=EulerDiscreteScheduler.from_config(models.scheduler_config), add_watermarker=False)
 
+    def pipeline_kwargs(self, models: Models) -> dict[str, Any]:
+        return {}
+
 
 def _windows(ids: torch.Tensor, encoder: torch.nn.Module) -> torch.Tensor:
     """[B, n·77] -> [B·n, 77] on the encoder's device."""
@@ -280,3 +277,17 @@ def _vae_scale_factor(vae: torch.nn.Module) -> int:
 
 
 ADAPTER = SDXLAdapter()
+
+
+def write_tiny_model(out: str, seed: int = 0) -> dict:
+    from library import tiny_models
+
+    return tiny_models.save_tiny_pipeline(tiny_models.build_sdxl(seed), out)
+
+
+FAMILY = Family(
+    adapter_class=SDXLAdapter, entry_script="sdxl_train_network.py", prediction_types=("epsilon", "v_prediction"),
+    check=check_options, text_encoder_cache=True, batch_keys=SIZE_KEYS,
+    lora_unet_targets=lora_keys.sai_unet_targets, lora_file_format="kohya", detects=lora_keys.is_sdxl_unet,
+    base_model_version=lambda args: "sdxl_base_v1-0",
+    write_tiny_model=write_tiny_model, default_resolution=1024, latent_channels=4)
