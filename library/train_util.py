@@ -45,31 +45,71 @@ def add_model_arguments(parser: argparse.ArgumentParser, family: str) -> None:
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser, family: str) -> None:
+    """KS `add_dataset_arguments` (train_network.py passes True for DreamBooth folders, captions and caption
+    dropout), with KS names, types, defaults and choices; plus our data-loader and text-encoder-cache flags.
+    What each does here, and what is refused, is in docs/datasets.md."""
     g = parser.add_argument_group("dataset")
-    g.add_argument("--train_data_dir", type=str, default=None, help="folder of '<repeats>_<class tokens>' subfolders")
+    g.add_argument("--train_data_dir", type=str, default=None,
+                   help="folder of '<repeats>_<class tokens>' subfolders (with --in_json: the folder of the images)")
+    g.add_argument("--cache_info", action="store_true",
+                   help="KS: cache image sizes and captions; no effect here (every image is scanned up front)")
+    g.add_argument("--shuffle_caption", action="store_true", help="shuffle the caption's tags every time")
+    g.add_argument("--caption_separator", type=str, default=",", help="separator between tags (default ',')")
+    g.add_argument("--caption_extension", type=str, default=".caption",
+                   help="caption file extension (default .caption, falling back to .txt)")
+    g.add_argument("--caption_extention", type=str, default=None,
+                   help="KS's old spelling of --caption_extension; wins over it when given (as KS)")
+    g.add_argument("--keep_tokens", type=int, default=0, help="keep the first N tags in place when shuffling")
+    g.add_argument("--keep_tokens_separator", type=str, default="",
+                   help="tags before this separator (and after a second one) stay in place, e.g. '|||'")
+    g.add_argument("--secondary_separator", type=str, default=None,
+                   help="joins words of one tag through shuffling/dropout; replaced by --caption_separator after")
+    g.add_argument("--enable_wildcard", action="store_true",
+                   help="'{a|b|c}' in captions picks one option each time; a multi-line caption picks one line")
+    g.add_argument("--caption_prefix", type=str, default=None, help="text put before every caption")
+    g.add_argument("--caption_suffix", type=str, default=None, help="text put after every caption")
+    g.add_argument("--color_aug", action="store_true", help="weak hue / gamma augmentation")
+    g.add_argument("--flip_aug", action="store_true",
+                   help="horizontal flip with probability 0.5 (with --cache_latents both flips are cached)")
+    g.add_argument("--face_crop_aug_range", type=str, default=None,
+                   help="KS face-centred crop; refused here (needs KS's face-box file names)")
+    g.add_argument("--random_crop", action="store_true", help="random instead of centre crop to the bucket")
+    g.add_argument("--debug_dataset", action="store_true",
+                   help="print the batches of the first epoch (images, buckets, crops, flips, captions) and exit "
+                        "without loading models")
+    g.add_argument("--resolution", type=str, default=None, help="'512' or '512,768' (width,height)")
+    g.add_argument("--cache_latents", action="store_true", help="encode every image once, before training")
+    g.add_argument("--vae_batch_size", type=int, default=1, help="images per VAE call when caching latents")
+    g.add_argument("--cache_latents_to_disk", action="store_true",
+                   help="cache latents in files beside the images (implies --cache_latents)")
+    g.add_argument("--skip_cache_check", action="store_true",
+                   help="reuse existing cache files without checking what they were computed from")
+    g.add_argument("--enable_bucket", action="store_true", help="aspect-ratio bucketing")
+    g.add_argument("--min_bucket_reso", type=int, default=256, help="smallest bucket side")
+    g.add_argument("--max_bucket_reso", type=int, default=1024, help="largest bucket side")
+    g.add_argument("--bucket_reso_steps", type=int, default=64, help="bucket sides are multiples of this (KS: 64)")
+    g.add_argument("--bucket_no_upscale", action="store_true", help="never enlarge images to fill a bucket")
+    g.add_argument("--resize_interpolation", type=str, default=None,
+                   choices=["lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area"],
+                   help="resize filter (default: lanczos)")
+    g.add_argument("--token_warmup_min", type=int, default=1, help="tags kept at step 0 with --token_warmup_step")
+    g.add_argument("--token_warmup_step", type=float, default=0,
+                   help="the number of tags grows from --token_warmup_min to all by this step (a share of "
+                        "--max_train_steps if < 1)")
+    g.add_argument("--dataset_class", type=str, default=None,
+                   help="KS custom dataset class; refused here (use --dataset_config or --in_json)")
+    g.add_argument("--caption_dropout_rate", type=float, default=0.0, help="share of samples with an empty caption")
+    g.add_argument("--caption_dropout_every_n_epochs", type=int, default=0,
+                   help="every N-th epoch trains with empty captions")
+    g.add_argument("--caption_tag_dropout_rate", type=float, default=0.0, help="probability of dropping each tag")
     g.add_argument("--reg_data_dir", type=str, default=None, help="regularisation images, same layout")
+    g.add_argument("--in_json", type=str, default=None,
+                   help="KS fine-tuning metadata JSON (captions / tags per image in --train_data_dir)")
+    g.add_argument("--dataset_repeats", type=int, default=1,
+                   help="repeats of --in_json images (and of dataset TOML subsets without num_repeats)")
+    # Not in KS's dataset group, kept here with the data flags.
     g.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularisation images")
     g.add_argument("--dataset_config", type=str, default=None, help="dataset TOML (KS schema)")
-    g.add_argument("--resolution", type=str, default=None, help="'512' or '512,768' (width,height)")
-    g.add_argument("--enable_bucket", action="store_true", help="aspect-ratio bucketing")
-    g.add_argument("--min_bucket_reso", type=int, default=256)
-    g.add_argument("--max_bucket_reso", type=int, default=1024)
-    g.add_argument("--bucket_reso_steps", type=int, default=get_family(family).bucket_reso_steps)
-    g.add_argument("--bucket_no_upscale", action="store_true")
-    g.add_argument("--caption_extension", type=str, default=".caption")
-    g.add_argument("--shuffle_caption", action="store_true")
-    g.add_argument("--keep_tokens", type=int, default=0)
-    g.add_argument("--keep_tokens_separator", type=str, default="")
-    g.add_argument("--caption_prefix", type=str, default=None)
-    g.add_argument("--caption_suffix", type=str, default=None)
-    g.add_argument("--caption_dropout_rate", type=float, default=0.0)
-    g.add_argument("--caption_dropout_every_n_epochs", type=int, default=0)
-    g.add_argument("--caption_tag_dropout_rate", type=float, default=0.0)
-    g.add_argument("--flip_aug", action="store_true")
-    g.add_argument("--color_aug", action="store_true")
-    g.add_argument("--random_crop", action="store_true")
-    g.add_argument("--cache_latents", action="store_true")
-    g.add_argument("--cache_latents_to_disk", action="store_true")
     if get_family(family).text_encoder_cache:
         g.add_argument("--cache_text_encoder_outputs", action="store_true")
         g.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true")

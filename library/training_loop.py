@@ -194,17 +194,19 @@ class _BatchList(torch.utils.data.Dataset):
     """This rank's batches of one epoch, from a position on (resume skips without loading).
 
     Items are (batch_number, indices): the batch number is the batch's place in the whole epoch, so caption and
-    crop randomness does not depend on the number of processes."""
+    crop randomness does not depend on the number of processes. `steps[i]` is the optimizer step batch i trains
+    in (KS token warmup grows captions with it)."""
 
-    def __init__(self, group, batches: list[tuple[int, list[int]]], data_epoch: int):
+    def __init__(self, group, batches: list[tuple[int, list[int]]], data_epoch: int, steps: list[int] | None = None):
         self.group, self.batches, self.data_epoch = group, batches, data_epoch
+        self.steps = steps or [0] * len(batches)
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, i: int) -> dict:
         batch_number, indices = self.batches[i]
-        return self.group.load_batch(indices, self.data_epoch, batch_number)
+        return self.group.load_batch(indices, self.data_epoch, batch_number, step=self.steps[i])
 
 
 def epoch_batches(group, epoch: int, rank: int, world_size: int) -> list[tuple[int, list[int]]]:
@@ -307,6 +309,11 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
     data_options = DatasetOptions.from_args(args)
     data_options.seed = plan.seed
     group = build_dataset_group(data_options)  # scans every image: data errors surface before models load
+    if args.debug_dataset:  # KS: show the data, train nothing
+        from library.data.debug import describe_epoch
+        group.max_train_steps = args.max_train_steps
+        print("\n".join(describe_epoch(group, 1, args.gradient_accumulation_steps)))
+        return ""
 
     accelerator = make_accelerator(args)
     rank, world_size = accelerator.process_index, accelerator.num_processes
@@ -352,6 +359,7 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
     if args.max_train_epochs:
         args.max_train_steps = args.max_train_epochs * steps_per_epoch
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    group.max_train_steps = args.max_train_steps  # a fractional --token_warmup_step is a share of it (KS)
 
     engine = LossEngine(plan.loss, adapter.kind, plan.prediction_type, models.alphas_cumprod, seed=plan.seed,
                         rank=rank, world_size=world_size, max_train_steps=args.max_train_steps,
@@ -430,11 +438,13 @@ def _loop(run: Run, steps_per_epoch: int, micro_per_epoch: int, num_epochs: int)
         batches = epoch_batches(run.group, state.epoch, rank, world_size)
         if hasattr(run.network, "on_epoch_start"):
             run.network.on_epoch_start(run.models.text_encoders, run.models.denoiser)
+        micro_step = state.micro_in_epoch % accum
+        remaining = batches[state.micro_in_epoch:]
+        steps = [state.step + (micro_step + i) // accum for i in range(len(remaining))]
         loader = torch.utils.data.DataLoader(
-            _BatchList(run.group, batches[state.micro_in_epoch:], state.epoch + 1), batch_size=None, shuffle=False,
+            _BatchList(run.group, remaining, state.epoch + 1, steps), batch_size=None, shuffle=False,
             num_workers=args.max_data_loader_n_workers,
             persistent_workers=False)
-        micro_step = state.micro_in_epoch % accum
         step_losses: list[torch.Tensor] = []
         for batch in loader:
             torch.manual_seed(step_seed(state.seed, state.step, micro_step, rank))
@@ -589,14 +599,14 @@ def _cache_latents(args, adapter, models, group, accelerator) -> None:
     # The main process fills the disk cache first; the others then read it instead of recomputing.
     if args.cache_latents_to_disk:
         if accelerator.is_main_process:
-            group.cache_latents(encode, to_disk=True, cache_key=cache_key, batch_size=args.train_batch_size,
+            group.cache_latents(encode, to_disk=True, cache_key=cache_key, batch_size=args.vae_batch_size,
                                 device=accelerator.device)
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
-            group.cache_latents(encode, to_disk=True, cache_key=cache_key, batch_size=args.train_batch_size,
+            group.cache_latents(encode, to_disk=True, cache_key=cache_key, batch_size=args.vae_batch_size,
                                 device=accelerator.device)
     else:
-        group.cache_latents(encode, to_disk=False, cache_key=cache_key, batch_size=args.train_batch_size,
+        group.cache_latents(encode, to_disk=False, cache_key=cache_key, batch_size=args.vae_batch_size,
                             device=accelerator.device)
 
 

@@ -106,7 +106,7 @@ def test_stale_file_with_same_name_is_not_trusted(tmp_path):
     assert build(root).cache_latents(encoder, True, "vae-a", 1, "cpu").computed == 1
 
 
-@pytest.mark.parametrize("flag", ["flip_aug", "random_crop", "color_aug"])
+@pytest.mark.parametrize("flag", ["random_crop", "color_aug"])
 def test_pixel_augmentations_and_cached_latents_are_refused(tmp_path, flag):
     root, _ = make_root(tmp_path)
     with pytest.raises(UserError) as e:
@@ -115,6 +115,80 @@ def test_pixel_augmentations_and_cached_latents_are_refused(tmp_path, flag):
     group = build(root, **{flag: True})
     with pytest.raises(UserError, match=f"--cache_latents.*--{flag}"):
         group.cache_latents(CountingEncoder(), False, "k")
+
+
+def expected_latents(group, item, flipped):
+    pixels = np.asarray(resize_and_crop(load_rgb(item.path), item.resized_wh, item.bucket_wh,
+                                        item.center_crop_left_top))
+    images = pixels_to_tensor_batch([pixels[:, ::-1] if flipped else pixels])
+    return torch.nn.functional.avg_pool2d(images, 8)[0]
+
+
+@pytest.mark.parametrize("to_disk", [False, True])
+def test_flip_aug_caches_both_flips_and_batches_take_the_drawn_one(tmp_path, to_disk):
+    # Images with a left-right gradient, so a flipped latent differs from the unflipped one.
+    folder = tmp_path / "train" / "1_sks"
+    os.makedirs(folder)
+    for i, (w, h) in enumerate(((64, 64), (96, 64), (64, 64), (64, 96))):
+        ramp = np.linspace(0, 255, w, dtype=np.float64)[None, :, None] * np.ones((h, 1, 3)) * (0.5 + 0.1 * i)
+        Image.fromarray(ramp.clip(0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+    group = build(str(tmp_path / "train"), flip_aug=True, cache_latents=True)
+    encoder = CountingEncoder()
+    stats = group.cache_latents(encoder, to_disk=to_disk, cache_key="vae-a", batch_size=3, device="cpu")
+    assert (stats.computed, encoder.count) == (4, 8)              # every image encoded plain and mirrored
+    for item in group.items:
+        tensors = ({"latents": item.latents, "latents_flipped": item.latents_flipped} if not to_disk else
+                   {k: safe_open(item.latents_path, "pt").get_tensor(k) for k in ("latents", "latents_flipped")})
+        assert torch.allclose(tensors["latents"], expected_latents(group, item, False), atol=1e-6)
+        assert torch.allclose(tensors["latents_flipped"], expected_latents(group, item, True), atol=1e-6)
+        assert not torch.allclose(tensors["latents"], tensors["latents_flipped"])
+    # Each sample gets the latent of its flip draw: over 40 epochs both occur, about half each, and the latent
+    # matches the one the same draw gives to the uncached pixel pipeline (the crop_top_lefts agree too).
+    uncached = build(str(tmp_path / "train"), flip_aug=True)
+    expected = {it.index: (expected_latents(group, it, False), expected_latents(group, it, True))
+                for it in group.items}
+    flipped_count = total = 0
+    for epoch in range(1, 41):
+        for number, indices in enumerate(group.make_batches(epoch)):
+            batch = group.load_batch(indices, epoch, number)
+            if epoch <= 2:
+                pixels = uncached.load_batch(indices, epoch, number)
+                assert torch.allclose(batch["latents"], torch.nn.functional.avg_pool2d(pixels["images"], 8),
+                                      atol=1e-5)
+                assert torch.equal(batch["crop_top_lefts"], pixels["crop_top_lefts"])
+            for i, index in enumerate(indices):
+                plain, mirrored = expected[index]
+                is_flipped = torch.allclose(batch["latents"][i], mirrored, atol=1e-6)
+                assert is_flipped or torch.allclose(batch["latents"][i], plain, atol=1e-6)
+                flipped_count += int(is_flipped)
+                total += 1
+    assert total == 160 and 50 < flipped_count < 110           # Binomial(160, 0.5): mean 80, sd 6.3
+    if to_disk:  # a later run without flip_aug does not trust the file written with it, and vice versa
+        assert build(str(tmp_path / "train")).cache_latents(encoder, True, "vae-a").computed == 4
+        again = build(str(tmp_path / "train"), flip_aug=True).cache_latents(encoder, True, "vae-a")
+        assert again.computed == 4
+
+
+def test_vae_batch_size_sets_images_per_encoder_call(tmp_path):
+    root, _ = make_root(tmp_path, sizes=((64, 64),) * 5)
+    calls = []
+    encode = lambda images: (calls.append(images.shape[0]), CountingEncoder()(images))[1]   # noqa: E731
+    build(root).cache_latents(encode, False, "k", batch_size=2)
+    assert calls == [2, 2, 1]
+
+
+def test_skip_cache_check_reuses_existing_files_unchecked(tmp_path):
+    root, folder = make_root(tmp_path, sizes=((64, 64),))
+    encoder = CountingEncoder()
+    build(root).cache_latents(encoder, True, "vae-a", 1, "cpu")
+    Image.fromarray(np.full((64, 64, 3), 250, np.uint8)).save(folder / "0.png")   # the image changes
+    os.utime(folder / "0.png", ns=(1_000_000_000, 1_000_000_000))
+    skipping = build(root, skip_cache_check=True)
+    assert skipping.cache_latents(encoder, True, "vae-a", 1, "cpu") == CacheStats(computed=0, reused=1)
+    assert skipping.load_batch([0], 1, 0)["latents"].mean() < 0                      # the old, dark latents
+    assert build(root).cache_latents(encoder, True, "vae-a", 1, "cpu").computed == 1  # checked: recomputed
+    os.remove(skipping.items[0].latents_path)                       # existence is always checked (KS)
+    assert build(root, skip_cache_check=True).cache_latents(encoder, True, "vae-a", 1, "cpu").computed == 1
 
 
 def encode_text(captions):

@@ -207,7 +207,7 @@ def test_wrong_type_in_general_and_key_in_wrong_table(tmp_path):
     with pytest.raises(UserError, match="'resolution' is not allowed in .*subsets.*belongs in"):
         resolve_datasets(DatasetOptions(dataset_config=write_toml(tmp_path, subset + "resolution = 512\n"),
                                         resolution="64"))
-    with pytest.raises(UserError, match="'face_crop_aug_range'.*does not support"):
+    with pytest.raises(UserError, match="'face_crop_aug_range'.*not supported here: it needs face boxes"):
         resolve_datasets(DatasetOptions(
             dataset_config=write_toml(tmp_path, subset + "face_crop_aug_range = [2.0, 4.0]\n"), resolution="64"))
 

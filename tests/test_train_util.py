@@ -67,7 +67,7 @@ def test_family_specific_flags():
     with pytest.raises(SystemExit):
         train_util.parse_args("sdxl", ["--v2"])  # argparse: unknown flag for sdxl
     assert train_util.parse_args("sd3", ["--precondition_outputs"]).precondition_outputs is True
-    assert train_util.parse_args("sdxl", []).bucket_reso_steps == 32
+    assert train_util.parse_args("sdxl", []).bucket_reso_steps == 64   # KS: 64 for every script
     assert train_util.parse_args("sd1", []).bucket_reso_steps == 64
 
 

@@ -12,7 +12,9 @@ class SubsetConfig:
     """One folder of images and how its captions and augmentations behave (KS `DreamBoothSubset`).
 
     `loss_weight` is 1.0 for training images and --prior_loss_weight for regularisation images (is_reg).
-    `is_val` subsets are held out entirely for validation."""
+    `is_val` subsets are held out entirely for validation. A `metadata_file` subset (KS fine-tuning style) takes
+    its images and captions from that JSON / JSONL file instead of listing `image_dir`.
+    `token_warmup_step` is in steps, or a share of --max_train_steps when < 1 (KS)."""
     image_dir: str
     num_repeats: int = 1
     class_tokens: str | None = None
@@ -22,6 +24,11 @@ class SubsetConfig:
     shuffle_caption: bool = False
     keep_tokens: int = 0
     keep_tokens_separator: str = ""
+    caption_separator: str = ","
+    secondary_separator: str | None = None
+    enable_wildcard: bool = False
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0.0
     caption_dropout_rate: float = 0.0
     caption_tag_dropout_rate: float = 0.0
     caption_dropout_every_n_epochs: int = 0
@@ -30,6 +37,8 @@ class SubsetConfig:
     flip_aug: bool = False
     random_crop: bool = False
     color_aug: bool = False
+    resize_interpolation: str | None = None
+    metadata_file: str | None = None
     loss_weight: float = 1.0
 
 

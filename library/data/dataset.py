@@ -18,15 +18,18 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from library.data.blueprint import DatasetConfig, SubsetConfig
 from library.data.buckets import BucketSelector, crop_offset
-from library.data.captions import process_caption, random_caption_flags, raw_caption, tag_frequency
+from library.data.captions import (caption_has_choices, process_caption, random_caption_flags, raw_caption,
+                                   tag_frequency)
 from library.data.dataset_config import resolve_datasets
 from library.data.folders import list_images
 from library.data.images import color_augment, load_rgb, pixels_to_tensor_batch, probe_images, resize_and_crop
 from library.data.latent_cache import (latent_cache_path, latent_identity, load_if_valid, save_atomic,
                                        text_cache_path, text_identity)
+from library.data.metadata_file import metadata_entries
 from library.data.options import DatasetOptions
 from library.data.randomness import data_rng
 from library.errors import UserError
@@ -36,7 +39,10 @@ logger = logging.getLogger(__name__)
 # Bad image files (unreadable, truncated, empty) are skipped with a warning up to this share of all image files
 # found; above it the data is more likely wrong than a few files broken, so we stop before training.
 MAX_BAD_IMAGE_SHARE = 0.10
-AUGMENTATION_FLAGS = (("flip_aug", "--flip_aug"), ("random_crop", "--random_crop"), ("color_aug", "--color_aug"))
+# Per-epoch pixel augmentations that cached latents cannot carry (KS `is_latent_cacheable`); --flip_aug can: both
+# flips are cached.
+AUGMENTATION_FLAGS = (("random_crop", "--random_crop"), ("color_aug", "--color_aug"))
+FLIPPED_LATENTS = "latents_flipped"
 
 
 @dataclass
@@ -57,9 +63,12 @@ class ImageItem:
     is_val: bool                           # held out for validation (is_val subset or validation_split)
     file_size: int
     mtime_ns: int
+    tags: str | None = None                # metadata_file subsets: the tags (KS counts them for ss_tag_frequency)
     # Filled by the caches: in memory (latents / text_outputs) or a file beside the image (*_path), with what
     # they were computed from (latents_key = the caller's VAE identity; text_identity = cache key + caption).
+    # latents_flipped: the encoding of the mirrored image (flip_aug subsets; on disk as a second tensor).
     latents: torch.Tensor | None = None
+    latents_flipped: torch.Tensor | None = None
     latents_path: str | None = None
     latents_key: str | None = None
     text_outputs: dict[str, torch.Tensor] | None = None
@@ -92,6 +101,8 @@ class DatasetGroup:
     epoch: int = 1
     skipped_batches: int = 0
     skipped_files: list[tuple[str, str]] = field(default_factory=list)
+    max_train_steps: int = 0               # resolves a fractional token_warmup_step (KS); set by the loop
+    skip_cache_check: bool = False         # KS --skip_cache_check: reuse existing cache files unchecked
     _batches: tuple[int, list[list[int]]] | None = field(default=None, repr=False)
 
     # ---- batches ----------------------------------------------------------------------------------------------
@@ -135,27 +146,29 @@ class DatasetGroup:
         return len(self.make_batches(self.epoch))
 
     # ---- loading ----------------------------------------------------------------------------------------------
-    def load_batch(self, indices: list[int], epoch: int, batch_number: int, augment: bool = True) -> dict[str, Any]:
-        """The batch dict of items `indices`. Random choices (caption, crop, flip, colour) come from generators of
-        (seed, epoch, batch_number, position). `augment=False`: centre crop, no flip / colour, the deterministic
-        caption (validation and cache filling)."""
+    def load_batch(self, indices: list[int], epoch: int, batch_number: int, augment: bool = True,
+                   step: int = 0) -> dict[str, Any]:
+        """The batch dict of items `indices`, trained at optimizer step `step` (0-based; token warmup). Random
+        choices (caption, crop, flip, colour) come from generators of (seed, epoch, batch_number, position).
+        `augment=False`: centre crop, no flip / colour, the deterministic caption (validation and cache filling)."""
         items = [self.items[i] for i in indices]
         subsets = [self.subsets[item.subset_index] for item in items]
-        captions, crops, pixels = [], [], []
+        captions, crops, pixels, flips = [], [], [], []
         use_latents = all(item.latents is not None or item.latents_path for item in items)
         for position, (item, subset) in enumerate(zip(items, subsets)):
             aug_rng = data_rng(self.seed, "augment", epoch, batch_number, position) if augment else None
             caption_rng = data_rng(self.seed, "caption", epoch, batch_number, position) if augment else None
             if item.text_outputs is not None or item.text_outputs_path:
                 caption_rng = None  # cached conditioning was computed from the deterministic caption
-            captions.append(process_caption(item.caption, subset, epoch, caption_rng))
+            captions.append(process_caption(item.caption, subset, epoch, caption_rng, step, self.max_train_steps))
             crop_left_top, flip = self._geometry(item, subset, aug_rng)
+            flips.append(flip)
             crops.append((crop_left_top[1], _flipped_left(item, crop_left_top[0]) if flip else crop_left_top[0]))
             if not use_latents:
                 pixels.append(self._pixels(item, subset, crop_left_top, flip, aug_rng))
         return {
             "images": None if use_latents else pixels_to_tensor_batch(pixels),
-            "latents": torch.stack([self._latents(item) for item in items]) if use_latents else None,
+            "latents": torch.stack([self._latents(it, f) for it, f in zip(items, flips)]) if use_latents else None,
             "captions": captions,
             "loss_weights": torch.tensor([item.loss_weight for item in items], dtype=torch.float32),
             "original_sizes": torch.tensor([item.original_size_hw for item in items], dtype=torch.long),
@@ -180,7 +193,8 @@ class DatasetGroup:
     @staticmethod
     def _pixels(item: ImageItem, subset: SubsetConfig, crop_left_top: tuple[int, int], flip: bool,
                 rng: np.random.Generator | None) -> np.ndarray:
-        image = resize_and_crop(load_rgb(item.path), item.resized_wh, item.bucket_wh, crop_left_top)
+        image = resize_and_crop(load_rgb(item.path), item.resized_wh, item.bucket_wh, crop_left_top,
+                                subset.resize_interpolation)
         pixels = np.asarray(image)
         if flip:
             pixels = pixels[:, ::-1]
@@ -188,15 +202,17 @@ class DatasetGroup:
             pixels = color_augment(np.ascontiguousarray(pixels), rng)
         return np.ascontiguousarray(pixels)
 
-    @staticmethod
-    def _latents(item: ImageItem) -> torch.Tensor:
+    def _latents(self, item: ImageItem, flipped: bool) -> torch.Tensor:
+        """The cached latent of the image, or of its mirror image when `flipped` (KS: both are cached)."""
         if item.latents is not None:
-            return item.latents
-        tensors = load_if_valid(item.latents_path, _latent_identity_of(item, item.latents_key))
-        if tensors is None:
+            return item.latents_flipped if flipped else item.latents
+        identity = None if self.skip_cache_check else self._latent_identity(item, item.latents_key)
+        tensors = load_if_valid(item.latents_path, identity)
+        key = FLIPPED_LATENTS if flipped else "latents"
+        if tensors is None or key not in tensors:
             raise UserError(f"latent cache '{item.latents_path}' disappeared or changed during training; "
-                            "run again to recompute it")
-        return tensors["latents"]
+                            "run again (without --skip_cache_check) to recompute it")
+        return tensors[key]
 
     def _stacked_text_outputs(self, items: list[ImageItem]) -> dict[str, torch.Tensor] | None:
         if not all(item.text_outputs is not None or item.text_outputs_path for item in items):
@@ -226,8 +242,12 @@ class DatasetGroup:
     def random_caption_flags(self) -> list[tuple[str, str]]:
         """(flag, image_dir) for every used subset whose captions change between epochs."""
         used = {item.subset_index for item in self.items if item.num_repeats > 0 or item.is_val}
-        return [(flag, self.subsets[i].image_dir) for i in sorted(used)
-                for flag in random_caption_flags(self.subsets[i])]
+        flags = [(flag, _subset_name(self.subsets[i])) for i in sorted(used)
+                 for flag in random_caption_flags(self.subsets[i])]
+        # enable_wildcard makes a caption random only when it has alternatives (lines or {a|b}).
+        wild = sorted({item.subset_index for item in self.items if item.subset_index in used
+                       and self.subsets[item.subset_index].enable_wildcard and caption_has_choices(item.caption)})
+        return flags + [("--enable_wildcard", _subset_name(self.subsets[i])) for i in wild]
 
     def captions_are_deterministic(self) -> bool:
         """True when every caption is the same in every epoch (needed by --cache_text_encoder_outputs)."""
@@ -238,12 +258,13 @@ class DatasetGroup:
 
     # ---- caches -----------------------------------------------------------------------------------------------
     def check_latent_cache_allowed(self) -> None:
-        """KS rule: cached latents are computed once, so per-epoch pixel augmentations cannot apply."""
+        """KS rule: cached latents are computed once, so random crops and colour changes cannot apply (flips can:
+        both the image and its mirror image are encoded)."""
         for subset in self.subsets:
             for field_name, flag in AUGMENTATION_FLAGS:
                 if getattr(subset, field_name):
                     raise UserError(f"--cache_latents and {flag} cannot be used together (subset "
-                                    f"'{subset.image_dir}'): latents are encoded once; drop one of them")
+                                    f"'{_subset_name(subset)}'): latents are encoded once; drop one of them")
 
     def check_text_cache_allowed(self) -> None:
         """Cached text-encoder outputs are computed once, so captions must not change between epochs."""
@@ -258,41 +279,74 @@ class DatasetGroup:
 
     def cache_latents(self, encode_fn: Callable[[torch.Tensor], torch.Tensor], to_disk: bool, cache_key: str,
                       batch_size: int = 1, device: torch.device | str = "cpu") -> CacheStats:
-        """Encode every used image once: `encode_fn` maps images [B, 3, H, W] in [-1, 1] on `device` to latents.
-        In memory, or with `to_disk` as `<stem>_<hash>.safetensors` beside the image (loaded lazily per batch),
-        reused only when cache_key (VAE identity), the image file (size, mtime) and the bucket all match."""
+        """Encode every used image once, `batch_size` images per call (KS --vae_batch_size): `encode_fn` maps
+        images [B, 3, H, W] in [-1, 1] on `device` to latents. Images of flip_aug subsets are also encoded
+        mirrored (KS caches both flips; a batch then takes the one its flip draw asks for). In memory, or with
+        `to_disk` as `<stem>_<hash>.safetensors` beside the image (loaded lazily per batch), reused only when
+        cache_key (VAE identity), the image file (size, mtime), the bucket and the flip setting all match
+        (with skip_cache_check: whenever the file exists and holds the flips needed)."""
         self.check_latent_cache_allowed()
-        pending: dict[tuple[int, int], list[ImageItem]] = defaultdict(list)
+        pending: dict[tuple[tuple[int, int], bool], list[ImageItem]] = defaultdict(list)
         reused = 0
         for item in self._cached_items():
+            flip = self.subsets[item.subset_index].flip_aug
             if to_disk:
                 path = latent_cache_path(item.path, cache_key, item.bucket_wh)
-                item.latents_path, item.latents, item.latents_key = path, None, cache_key
-                if load_if_valid(path, _latent_identity_of(item, cache_key)) is not None:
+                item.latents_path, item.latents, item.latents_flipped, item.latents_key = path, None, None, cache_key
+                if self._disk_latents_usable(item, cache_key, flip):
                     reused += 1
                     continue
-            elif item.latents is not None and item.latents_key == cache_key:
+            elif item.latents is not None and item.latents_key == cache_key and (item.latents_flipped is not None
+                                                                                 or not flip):
                 reused += 1
                 continue
-            pending[item.bucket_wh].append(item)
+            pending[(item.bucket_wh, flip)].append(item)
         computed = 0
-        for bucket in sorted(pending):
-            group = pending[bucket]
+        for bucket, flip in sorted(pending):
+            group = pending[(bucket, flip)]
             for start in range(0, len(group), batch_size):
                 chunk = group[start:start + batch_size]
                 pixels = [self._pixels(it, self.subsets[it.subset_index], it.center_crop_left_top, False, None)
                           for it in chunk]
+                images = pixels_to_tensor_batch(pixels).to(device)
                 with torch.no_grad():
-                    latents = encode_fn(pixels_to_tensor_batch(pixels).to(device))
-                for it, latent in zip(chunk, latents.detach().float().cpu()):
-                    latent = latent.clone()  # own storage, not a view into the batch
+                    latents = encode_fn(images).detach().float().cpu()
+                    flipped = encode_fn(torch.flip(images, dims=[3])).detach().float().cpu() if flip else None
+                for i, it in enumerate(chunk):
+                    latent = latents[i].clone()  # own storage, not a view into the batch
+                    latent_flipped = flipped[i].clone() if flip else None
                     if to_disk:
-                        save_atomic(it.latents_path, {"latents": latent}, _latent_identity_of(it, cache_key))
+                        tensors = {"latents": latent}
+                        if flip:
+                            tensors[FLIPPED_LATENTS] = latent_flipped
+                        save_atomic(it.latents_path, tensors, self._latent_identity(it, cache_key))
                     else:
-                        it.latents, it.latents_path, it.latents_key = latent, None, cache_key
+                        it.latents, it.latents_flipped, it.latents_path = latent, latent_flipped, None
+                        it.latents_key = cache_key
                 computed += len(chunk)
         logger.info("latents: %d computed, %d reused from cache", computed, reused)
         return CacheStats(computed=computed, reused=reused)
+
+    def _latent_identity(self, item: ImageItem, cache_key: str) -> dict[str, str]:
+        """What a cached latent was computed from (latent_cache.latent_identity, plus the flip and resize
+        settings when they are not the defaults)."""
+        identity = latent_identity(cache_key, item.path, item.file_size, item.mtime_ns, item.bucket_wh,
+                                   item.resized_wh, item.center_crop_left_top)
+        subset = self.subsets[item.subset_index]
+        if subset.flip_aug:
+            identity["flip_aug"] = "true"
+        if subset.resize_interpolation:
+            identity["resize_interpolation"] = subset.resize_interpolation
+        return identity
+
+    def _disk_latents_usable(self, item: ImageItem, cache_key: str, flip: bool) -> bool:
+        if not self.skip_cache_check:
+            return load_if_valid(item.latents_path, self._latent_identity(item, cache_key)) is not None
+        try:  # KS --skip_cache_check: the file exists and holds the tensors needed; nothing else is read
+            with safe_open(item.latents_path, framework="pt") as f:
+                return "latents" in f.keys() and (not flip or FLIPPED_LATENTS in f.keys())
+        except Exception:  # missing, torn or foreign file: compute it  # noqa: BLE001
+            return False
 
     def cache_text_encoder_outputs(self, encode_fn: Callable[[list[str]], dict[str, torch.Tensor]], to_disk: bool,
                                    cache_key: str, batch_size: int = 16) -> CacheStats:
@@ -307,6 +361,10 @@ class DatasetGroup:
             if to_disk:
                 item.text_outputs_path, item.text_outputs = text_cache_path(item.path, cache_key), None
                 item.text_identity = text_identity(cache_key, caption)
+                if self.skip_cache_check and os.path.isfile(item.text_outputs_path):
+                    item.text_identity = None  # KS --skip_cache_check: the existing file is used unchecked
+                    reused += 1
+                    continue
                 if load_if_valid(item.text_outputs_path, item.text_identity) is not None:
                     reused += 1
                     continue
@@ -360,9 +418,10 @@ class DatasetGroup:
             members = [it for it in self.items if it.subset_index == s_index and not it.is_val]
             if not members:
                 continue
-            name = os.path.basename(os.path.normpath(subset.image_dir))
+            # KS names a fine-tuning subset by its metadata file and counts only its tags.
+            name = os.path.basename(os.path.normpath(_subset_name(subset)))
             (reg_dirs if subset.is_reg else dirs)[name] = {"n_repeats": subset.num_repeats, "img_count": len(members)}
-            captions_by_dir[name].extend(it.caption for it in members)
+            captions_by_dir[name].extend(it.tags or "" if subset.metadata_file else it.caption for it in members)
         return {
             "ss_dataset_dirs": json.dumps(dirs),
             "ss_reg_dataset_dirs": json.dumps(reg_dirs),
@@ -379,16 +438,16 @@ def _flipped_left(item: ImageItem, left: int) -> int:
     return item.resized_wh[0] - (left + item.bucket_wh[0])
 
 
-def _latent_identity_of(item: ImageItem, cache_key: str) -> dict[str, str]:
-    return latent_identity(cache_key, item.path, item.file_size, item.mtime_ns, item.bucket_wh, item.resized_wh,
-                           item.center_crop_left_top)
+def _subset_name(subset: SubsetConfig) -> str:
+    """How messages name a subset: its folder, or its metadata file."""
+    return subset.metadata_file or subset.image_dir
 
 
 def _load_text_outputs(item: ImageItem) -> dict[str, torch.Tensor]:
     tensors = load_if_valid(item.text_outputs_path, item.text_identity)
     if tensors is None:
         raise UserError(f"text-encoder cache '{item.text_outputs_path}' disappeared or changed during training; "
-                        "run again to recompute it")
+                        "run again (without --skip_cache_check) to recompute it")
     return tensors
 
 
@@ -398,17 +457,25 @@ def build_dataset_group(options: DatasetOptions, max_bad_share: float = MAX_BAD_
     """Resolve the datasets, scan every image up front (size and integrity), read captions, assign buckets, split
     validation, balance regularisation repeats (KS), and check flag combinations. Every problem with the data
     surfaces here, before any model is loaded."""
+    options.check()
     datasets = resolve_datasets(options)
     subsets = [s for d in datasets for s in d.subsets]
     subset_dataset = [d_i for d_i, d in enumerate(datasets) for _ in d.subsets]
     group = DatasetGroup(datasets=datasets, subsets=subsets, subset_dataset=subset_dataset, items=[],
-                         seed=options.data_seed)
+                         seed=options.data_seed, skip_cache_check=options.skip_cache_check)
     if options.cache_latents or options.cache_latents_to_disk:
         group.check_latent_cache_allowed()
 
     paths_by_subset = []
+    known: list[dict[str, tuple[str, str | None]]] = []  # metadata subsets: path -> (caption, tags)
     for subset in subsets:
-        paths = list_images(subset.image_dir)
+        if subset.metadata_file:
+            entries = metadata_entries(subset)
+            paths = [e.path for e in entries]
+            known.append({e.path: (e.caption, e.tags) for e in entries})
+        else:
+            paths = list_images(subset.image_dir)
+            known.append({})
         if not paths:
             raise UserError(f"image folder '{subset.image_dir}' contains no images (.png, .jpg, .jpeg, .webp, "
                             ".bmp); add images or remove the folder")
@@ -429,9 +496,10 @@ def build_dataset_group(options: DatasetOptions, max_bad_share: float = MAX_BAD_
         for path in good:
             probe = probe_of[path]
             choice = selectors[d_index].select(probe.width, probe.height)
+            caption, tags = known[s_index].get(path) or (raw_caption(path, subset), None)
             group.items.append(ImageItem(
-                index=len(group.items), path=path, dataset_index=d_index, subset_index=s_index,
-                caption=raw_caption(path, subset), original_size_hw=(probe.height, probe.width),
+                index=len(group.items), path=path, dataset_index=d_index, subset_index=s_index, tags=tags,
+                caption=caption, original_size_hw=(probe.height, probe.width),
                 bucket_wh=choice.bucket_wh, resized_wh=choice.resized_wh, ar_error=choice.ar_error,
                 num_repeats=subset.num_repeats, loss_weight=subset.loss_weight, is_reg=subset.is_reg,
                 is_val=subset.is_val or path in held_out, file_size=probe.file_size, mtime_ns=probe.mtime_ns))

@@ -124,11 +124,22 @@ def load_rgb(path: str) -> Image.Image:
                         "scan. Remove or replace it") from None
 
 
+# KS --resize_interpolation names -> PIL filters. KS resizes with cv2 except for lanczos; without cv2, "area" is
+# PIL's BOX (the pixel-area average cv2 INTER_AREA computes when shrinking), and PIL's bilinear / bicubic are
+# antialiased when shrinking (cv2's are not).
+RESAMPLING = {
+    "lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR, "linear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC, "cubic": Image.Resampling.BICUBIC, "area": Image.Resampling.BOX,
+}
+
+
 def resize_and_crop(image: Image.Image, resized_wh: tuple[int, int], bucket_wh: tuple[int, int],
-                    crop_left_top: tuple[int, int]) -> Image.Image:
-    """Resize to `resized_wh` (covering the bucket), then crop the bucket at `crop_left_top`."""
+                    crop_left_top: tuple[int, int], interpolation: str | None = None) -> Image.Image:
+    """Resize to `resized_wh` (covering the bucket) with `interpolation` (a KS --resize_interpolation name; None:
+    LANCZOS), then crop the bucket at `crop_left_top`."""
     if image.size != tuple(resized_wh):
-        image = image.resize(tuple(resized_wh), Image.Resampling.LANCZOS)
+        image = image.resize(tuple(resized_wh), RESAMPLING.get(interpolation, Image.Resampling.LANCZOS))
     left, top = crop_left_top
     if image.size != tuple(bucket_wh):
         image = image.crop((left, top, left + bucket_wh[0], top + bucket_wh[1]))

@@ -54,13 +54,14 @@ def text_identity(cache_key: str, caption: str) -> dict[str, str]:
     return {"format": TEXT_FORMAT, "cache_key": cache_key, "caption": caption}
 
 
-def load_if_valid(path: str, identity: dict[str, str]) -> dict[str, torch.Tensor] | None:
-    """The cached tensors if `path` exists, is readable and its metadata equals `identity`; else None."""
+def load_if_valid(path: str, identity: dict[str, str] | None) -> dict[str, torch.Tensor] | None:
+    """The cached tensors if `path` exists, is readable and its metadata equals `identity` (None: not checked,
+    KS --skip_cache_check); else None."""
     if not os.path.isfile(path):
         return None
     try:
         with safe_open(path, framework="pt") as f:
-            if (f.metadata() or {}) != identity:
+            if identity is not None and (f.metadata() or {}) != identity:
                 return None
             return {key: f.get_tensor(key) for key in f.keys()}
     except Exception:  # a torn or foreign file is just a cache miss  # noqa: BLE001

@@ -19,6 +19,8 @@ class DatasetOptions:
     passes 32). `seed` None means 0 for the data order (the loop should fill in the run's seed)."""
     train_data_dir: str | None = None
     reg_data_dir: str | None = None
+    in_json: str | None = None             # KS fine-tuning metadata (captions/tags per image) for --train_data_dir
+    dataset_repeats: int = 1               # KS: num_repeats of subsets that do not set it (--in_json, TOML)
     prior_loss_weight: float = 1.0
     dataset_config: str | None = None
     resolution: str | int | tuple[int, int] | None = None
@@ -28,6 +30,7 @@ class DatasetOptions:
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
     caption_extension: str = ".caption"
+    caption_extention: str | None = None   # KS's misspelled alias; wins over caption_extension when given (KS)
     shuffle_caption: bool = False
     keep_tokens: int = 0
     caption_dropout_rate: float = 0.0
@@ -36,6 +39,12 @@ class DatasetOptions:
     caption_prefix: str | None = None
     caption_suffix: str | None = None
     keep_tokens_separator: str = ""
+    caption_separator: str = ","
+    secondary_separator: str | None = None
+    enable_wildcard: bool = False
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0.0
+    resize_interpolation: str | None = None
     flip_aug: bool = False
     random_crop: bool = False
     color_aug: bool = False
@@ -49,6 +58,12 @@ class DatasetOptions:
     cache_latents_to_disk: bool = False
     cache_text_encoder_outputs: bool = False
     cache_text_encoder_outputs_to_disk: bool = False
+    skip_cache_check: bool = False         # KS: reuse a cache file that exists without checking what it holds
+    vae_batch_size: int = 1                # KS: images per VAE call when caching latents
+    # KS flags refused or noted by `check` (see docs/datasets.md).
+    face_crop_aug_range: str | None = None
+    dataset_class: str | None = None
+    cache_info: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace | Any) -> "DatasetOptions":
@@ -59,11 +74,39 @@ class DatasetOptions:
             value = getattr(args, f.name, None)
             if value is not None:
                 values[f.name] = value
+        if values.get("caption_extention") is not None:  # KS prepare_dataset_args: the old spelling wins
+            values["caption_extension"] = values["caption_extention"]
         return cls(**values)
+
+    def check(self) -> None:
+        """KS data flags this trainer refuses or notes, checked before any file is read."""
+        if self.face_crop_aug_range:
+            raise UserError("--face_crop_aug_range: not supported here: it needs face boxes in the image file names "
+                            "written by KS's face-detection tool; crop the images around the faces beforehand, or "
+                            "use --random_crop")
+        if self.dataset_class:
+            raise UserError(f"--dataset_class {self.dataset_class}: custom dataset classes are not supported here; "
+                            "describe the data with --dataset_config ds.toml (KS schema) or --in_json")
+        if isinstance(self.vae_batch_size, bool) or not isinstance(self.vae_batch_size, int) \
+                or self.vae_batch_size < 1:
+            raise UserError(f"--vae_batch_size: must be an integer >= 1, got {self.vae_batch_size!r}")
+        if self.cache_info:
+            note_once("--cache_info", "every image is scanned up front anyway (sizes and captions are read and "
+                      "checked each run)")
 
     @property
     def data_seed(self) -> int:
         return 0 if self.seed is None else int(self.seed)
+
+
+_NOTED: set[str] = set()
+
+
+def note_once(what: str, why: str) -> None:
+    """Print `note: WHAT has no effect here: WHY` once per process (KS flags and keys that change nothing)."""
+    if what not in _NOTED:
+        _NOTED.add(what)
+        print(f"note: {what} has no effect here: {why}")
 
 
 def parse_resolution(value: str | int | tuple[int, int] | list[int] | None,
