@@ -24,6 +24,7 @@ from tqdm import tqdm
 from library import checkpointing, metadata as metadata_lib, metrics as metrics_lib, optimizers, sampling
 from library import validation as validation_lib
 from library.checkpointing import TrainState
+from library.data.loader import batch_steps
 from library.errors import UserError
 from library.families import get_family
 from library.families.base import FamilyAdapter, ModelOptions
@@ -440,7 +441,7 @@ def _loop(run: Run, steps_per_epoch: int, micro_per_epoch: int, num_epochs: int)
             run.network.on_epoch_start(run.models.text_encoders, run.models.denoiser)
         micro_step = state.micro_in_epoch % accum
         remaining = batches[state.micro_in_epoch:]
-        steps = [state.step + (micro_step + i) // accum for i in range(len(remaining))]
+        steps = batch_steps(state.step, state.micro_in_epoch, accum, len(remaining))
         loader = torch.utils.data.DataLoader(
             _BatchList(run.group, remaining, state.epoch + 1, steps), batch_size=None, shuffle=False,
             num_workers=args.max_data_loader_n_workers,

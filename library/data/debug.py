@@ -7,14 +7,16 @@ draws them (same seed, epoch and batch numbers).
 from __future__ import annotations
 
 from library.data.dataset import DatasetGroup
+from library.data.loader import batch_steps
 
 
 def describe_epoch(group: DatasetGroup, epoch: int = 1, accumulation_steps: int = 1) -> list[str]:
     """One line per sample of `epoch` (1-based), batch by batch, in training order (one process)."""
     lines = [f"debug_dataset: epoch {epoch}, {group.num_batches_per_epoch} batches, "
              f"{group.num_train_images} training samples"]
-    for number, indices in enumerate(group.make_batches(epoch)):
-        step = number // max(accumulation_steps, 1)
+    batches = group.make_batches(epoch)
+    steps = batch_steps(0, 0, max(accumulation_steps, 1), len(batches))
+    for number, (indices, step) in enumerate(zip(batches, steps)):
         batch = group.load_batch(indices, epoch, number, step=step)
         for position, index in enumerate(indices):
             item = group.items[index]

@@ -52,6 +52,14 @@ class EpochBatchSampler(Sampler[BatchKey]):
         return iter([(epoch, b) for b in range(first, self.group.num_batches_per_epoch)])
 
 
+def batch_steps(step: int, micro_in_epoch: int, accumulation_steps: int, count: int) -> list[int]:
+    """The optimizer step (0-based) each of the next `count` batches of an epoch trains in, when `step` steps are
+    done and the epoch is `micro_in_epoch` batches in: a step takes `accumulation_steps` batches, counted from the
+    start of the epoch (the last step of an epoch may take fewer). KS token warmup reads it."""
+    first = micro_in_epoch % accumulation_steps
+    return [step + (first + i) // accumulation_steps for i in range(count)]
+
+
 def unwrap(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Collate for batch_size=1 over pre-made batches: the one element is already the batch."""
     return samples[0]
