@@ -87,7 +87,8 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, family: str) -> None:
     g.add_argument("--enable_bucket", action="store_true", help="aspect-ratio bucketing")
     g.add_argument("--min_bucket_reso", type=int, default=256, help="smallest bucket side")
     g.add_argument("--max_bucket_reso", type=int, default=1024, help="largest bucket side")
-    g.add_argument("--bucket_reso_steps", type=int, default=64, help="bucket sides are multiples of this (KS: 64)")
+    g.add_argument("--bucket_reso_steps", type=int, default=get_family(family).bucket_reso_steps,
+                   help="bucket sides are multiples of this (KS: 64)")
     g.add_argument("--bucket_no_upscale", action="store_true", help="never enlarge images to fill a bucket")
     g.add_argument("--resize_interpolation", type=str, default=None,
                    choices=["lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area"],

@@ -148,7 +148,7 @@ class SDXLAdapter:
 
     name = "sdxl"
     kind = "ddpm"
-    bucket_reso_steps = 32   # KS sdxl_train_network default
+    bucket_reso_steps = 64   # KS default for every script (KS only checks SDXL steps divide by 32)
 
     def prediction_type(self, opts: ModelOptions) -> str:
         return "v_prediction" if opts.v_parameterization else "epsilon"
