@@ -39,6 +39,7 @@ def training_metadata(args: argparse.Namespace, family: str, *, num_train_images
         "ss_network_alpha": args.network_alpha,
         "ss_network_dropout": args.network_dropout,
         "ss_network_args": json.dumps(dict(a.split("=", 1) for a in (args.network_args or []) if "=" in a)),
+        "ss_scale_weight_norms": getattr(args, "scale_weight_norms", None),
         "ss_mixed_precision": args.mixed_precision,
         "ss_full_fp16": args.full_fp16,
         "ss_v2": getattr(args, "v2", False),

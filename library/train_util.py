@@ -129,6 +129,9 @@ def add_network_arguments(parser: argparse.ArgumentParser, family: str) -> None:
     g.add_argument("--network_dropout", type=float, default=None, help="neuron dropout on the down projection")
     g.add_argument("--network_weights", type=str, default=None, help="start from an existing LoRA")
     g.add_argument("--dim_from_weights", action="store_true", help="take dims/alphas from --network_weights")
+    g.add_argument("--scale_weight_norms", type=float, default=None,
+                   help="max-norm regularisation: after each step scale every LoRA module whose update norm exceeds "
+                        "this (KS; 1 is a good start)")
     g.add_argument("--network_train_unet_only", action="store_true")
     g.add_argument("--network_train_text_encoder_only", action="store_true")
     g.add_argument("--unet_lr", type=float, default=None)

@@ -126,12 +126,10 @@ def validate(args: argparse.Namespace, adapter: FamilyAdapter) -> Plan:
     except ImportError as e:
         raise UserError(f"--network_module {args.network_module}: cannot import it ({e})") from None
     optimizers.validate_optimizer_options(args.optimizer_type, args.optimizer_args)
-    network_kwargs = {}
-    for item in args.network_args or []:
-        if "=" not in item:
-            raise UserError(f"--network_args: '{item}' is not key=value")
-        key, value = item.split("=", 1)
-        network_kwargs[key.strip()] = value.strip()
+    from networks import network_args as network_args_lib
+    network_kwargs = network_args_lib.validate(
+        args.network_module, args.network_args, family, network_dim=args.network_dim, network_alpha=args.network_alpha,
+        network_dropout=args.network_dropout, scale_weight_norms=getattr(args, "scale_weight_norms", None))
 
     model = get_family(family).options(args)
     # The model path and the family's own flag rules are checked here too, before anything heavy loads.
@@ -466,6 +464,7 @@ def _loop(run: Run, steps_per_epoch: int, micro_per_epoch: int, num_epochs: int)
             run.optimizer.step()
             run.lr_scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
+            max_norm_logs = _scale_weight_norms(run)
             state.step += 1
             micro_step = 0
             loss_value = torch.stack(step_losses).mean().item()
@@ -475,7 +474,7 @@ def _loop(run: Run, steps_per_epoch: int, micro_per_epoch: int, num_epochs: int)
             bar.update(1)
             logs = {"loss/current": loss_value, "loss/average": sum(recent) / len(recent),
                     **{f"lr/group{i}": g["lr"] for i, g in enumerate(run.optimizer.param_groups)},
-                    **run.metrics.step_logs(state.step)}
+                    **run.metrics.step_logs(state.step), **max_norm_logs}
             if run.validation is not None and validation_lib.due_at_step(state.step, args.validate_every_n_steps):
                 logs.update(_validate(run))
             bar.set_postfix(loss=f"{loss_value:.4f}", avr_loss=f"{logs['loss/average']:.4f}",
@@ -508,6 +507,15 @@ def _loop(run: Run, steps_per_epoch: int, micro_per_epoch: int, num_epochs: int)
     raw = _raw_optimizer(run.optimizer)
     if hasattr(raw, "memory_bytes") and accelerator.is_main_process:
         print(f"timestep-clustered optimizer: {raw.num_clusters} states, {raw.memory_bytes() / 2**20:.2f} MiB")
+
+
+def _scale_weight_norms(run: Run) -> dict[str, float]:
+    """--scale_weight_norms (KS): max-norm of every module's update after the optimizer step; KS's log names."""
+    if not getattr(run.args, "scale_weight_norms", None):
+        return {}
+    keys_scaled, mean_norm, max_norm = run.network.apply_max_norm_regularization(run.args.scale_weight_norms,
+                                                                                 run.accelerator.device)
+    return {"max_norm/keys_scaled": keys_scaled, "max_norm/max_key_norm": max_norm, "norm/avg_key_norm": mean_norm}
 
 
 def _validate(run: Run) -> dict[str, float]:
@@ -636,6 +644,9 @@ def _make_network(args, plan: Plan, models):
         network = network_module.create_network(1.0, args.network_dim, args.network_alpha, models.vae, text_encoders,
                                                 models.denoiser, neuron_dropout=args.network_dropout,
                                                 **plan.network_kwargs)
+    if getattr(args, "scale_weight_norms", None):
+        from networks.network_args import check_network_supports_max_norm
+        check_network_supports_max_norm(network, args.network_module)
     network.apply_to(text_encoders, models.denoiser, plan.train_text_encoder, plan.train_unet)
     if args.network_weights:  # with --dim_from_weights too: the shapes came from the file, so do the weights
         info = network.load_weights(args.network_weights)

@@ -23,9 +23,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from library.fileio import atomic_write
-from library.errors import UserError, closest
+from library.errors import UserError
 from library.families import get_family
 from networks.hashing import precalculate_safetensors_hashes
+from networks.lora_blocks import block_layout
+from networks.lora_options import LoraOptions, validate_network_args  # noqa: F401  (KS-style module API)
 from networks.lora_keys import (LORA_PREFIX_TEXT_ENCODER, LORA_PREFIX_TEXT_ENCODER1, LORA_PREFIX_TEXT_ENCODER2,
                                 LoraTarget, detect_family, text_encoder_list, text_encoder_targets, unet_targets)
 
@@ -144,93 +146,51 @@ class LoRAModule(torch.nn.Module):
 
 
 # =========================================================================================================
+# DoRA
+# =========================================================================================================
+def column_norm(weight: torch.Tensor) -> torch.Tensor:
+    """‖W‖_c of DoRA (Liu et al. 2024, arXiv 2402.09353, eq. 2): the norm of each input column of W over the
+    output (and kernel) axes, shaped to broadcast against W: [1, in] (Linear) or [1, in, 1, 1] (Conv2d).
+    The same axis as A1111/Forge and ComfyUI's `weight_decompose` for a `.dora_scale` of this shape."""
+    per_input = weight.transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1)
+    return per_input.reshape(1, weight.shape[1], *[1] * (weight.dim() - 2))
+
+
+class DoRAModule(LoRAModule):
+    """Weight-decomposed LoRA (DoRA, arXiv 2402.09353 eq. 5):
+
+        W' = m · (W + ΔW) / ‖W + ΔW‖_c,   ΔW = scale · up·down,   m initialised to ‖W‖_c
+
+    and the module adds multiplier · (W' − W) x, so multiplier 1 gives W' and a strength s gives W + s(W' − W)
+    (ComfyUI's strength). ‖W + ΔW‖_c is detached from the graph (paper §4.3: it cuts the backward memory and the
+    result is unchanged at inference). `m` is saved as `<lora_name>.dora_scale`, shape [1, in] / [1, in, 1, 1]."""
+
+    def __init__(self, lora_name: str, org_module: torch.nn.Module, *args, **kwargs):
+        super().__init__(lora_name, org_module, *args, **kwargs)
+        self.dora_scale = torch.nn.Parameter(column_norm(org_module.weight.detach().float()))
+
+    def decomposed_delta(self) -> torch.Tensor:
+        """W' − W in fp32."""
+        weight = self.org_module.weight.float()
+        merged = weight + self.delta_weight()
+        return merged * (self.dora_scale / column_norm(merged).detach()) - weight
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        org_forwarded = self.org_forward(x, *args, **kwargs)
+        if self.module_dropout is not None and self.training and torch.rand(1).item() < self.module_dropout:
+            return org_forwarded
+        delta = (self.decomposed_delta() * self.multiplier).to(x.dtype)
+        org = self.org_module
+        if isinstance(org, torch.nn.Conv2d):
+            extra = torch.nn.functional.conv2d(x, delta, None, org.stride, org.padding, org.dilation, org.groups)
+        else:
+            extra = torch.nn.functional.linear(x, delta)
+        return org_forwarded + extra
+
+
+# =========================================================================================================
 # --network_args
 # =========================================================================================================
-def _positive_int(value) -> int:
-    number = int(value)
-    if number < 0:
-        raise ValueError
-    return number
-
-
-def _probability(value) -> float:
-    p = float(value)
-    if not 0.0 <= p < 1.0:
-        raise ValueError
-    return p
-
-
-def _positive_float(value) -> float:
-    number = float(value)
-    if not number > 0:
-        raise ValueError
-    return number
-
-
-def _non_negative_float(value) -> float:
-    number = float(value)
-    if number < 0:
-        raise ValueError
-    return number
-
-
-# key -> (parser, what a valid value is)
-NETWORK_ARGS: dict[str, tuple[Callable, str]] = {
-    "conv_dim": (_positive_int, "a non-negative integer rank for 3×3 convs (LoCon)"),
-    "conv_alpha": (_non_negative_float, "a non-negative number"),
-    "rank_dropout": (_probability, "a probability in [0, 1)"),
-    "module_dropout": (_probability, "a probability in [0, 1)"),
-    "loraplus_lr_ratio": (_positive_float, "a positive number (lr of lora_up = ratio · lr)"),
-    "loraplus_unet_lr_ratio": (_positive_float, "a positive number"),
-    "loraplus_text_encoder_lr_ratio": (_positive_float, "a positive number"),
-}
-
-
-def parse_network_args(kwargs: dict) -> dict:
-    """--network_args strings -> typed values. Unknown keys and bad values raise UserError."""
-    parsed = {}
-    for key, raw in kwargs.items():
-        if key not in NETWORK_ARGS:
-            suggestion = closest(key, NETWORK_ARGS)
-            hint = f"did you mean '{suggestion}'? " if suggestion else ""
-            raise UserError(f"--network_args: unknown key '{key}' for networks.lora; {hint}"
-                            f"valid keys: {', '.join(NETWORK_ARGS)}")
-        if raw is None or (isinstance(raw, str) and raw.strip().lower() == "none"):
-            parsed[key] = None
-            continue
-        parse, expected = NETWORK_ARGS[key]
-        try:
-            parsed[key] = parse(raw)
-        except (TypeError, ValueError):
-            raise UserError(f"--network_args: {key}={raw!r} is not {expected}; e.g. {key}=4") from None
-    return parsed
-
-
-def _check_rank_and_alpha(network_dim, network_alpha, neuron_dropout) -> tuple[int, float, float | None]:
-    try:
-        dim = int(network_dim)
-        if dim < 1 or dim != float(network_dim):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise UserError(f"--network_dim: {network_dim!r} is not a positive integer rank; e.g. --network_dim 16") \
-            from None
-    try:
-        alpha = _non_negative_float(network_alpha)
-    except (TypeError, ValueError):
-        raise UserError(f"--network_alpha: {network_alpha!r} must be a number >= 0 (scale = alpha / rank); "
-                        "e.g. --network_alpha 8") from None
-    return dim, alpha, _check_neuron_dropout(neuron_dropout)
-
-
-def _check_neuron_dropout(neuron_dropout) -> float | None:
-    if neuron_dropout is None:
-        return None
-    try:
-        return _probability(neuron_dropout)
-    except (TypeError, ValueError):
-        raise UserError(f"--network_dropout: {neuron_dropout!r} must be a probability in [0, 1)") from None
-
-
 # =========================================================================================================
 # File keys <-> module names
 # =========================================================================================================
@@ -239,6 +199,7 @@ _KEY_SUFFIXES = {
     ".lora_down.weight": ("lora_down.weight", False),
     ".lora_up.weight": ("lora_up.weight", False),
     ".alpha": ("alpha", False),
+    ".dora_scale": ("dora_scale", False),
     ".lora_A.weight": ("lora_down.weight", True),
     ".lora_B.weight": ("lora_up.weight", True),
 }
@@ -315,10 +276,18 @@ class LoRANetwork(torch.nn.Module):
     def __init__(self, text_encoder, unet, multiplier: float = 1.0, lora_dim: int = 4, alpha: float = 1,
                  dropout: float | None = None, rank_dropout: float | None = None,
                  module_dropout: float | None = None, conv_lora_dim: int | None = None,
-                 conv_alpha: float | None = None, modules_dim: dict[str, int] | None = None,
+                 conv_alpha: float | None = None, block_dims: list[int] | None = None,
+                 block_alphas: list[float] | None = None, conv_block_dims: list[int] | None = None,
+                 conv_block_alphas: list[float] | None = None, modules_dim: dict[str, int] | None = None,
                  modules_alpha: dict[str, float] | None = None, module_class: type = LoRAModule,
                  loraplus_lr_ratio: float | None = None, loraplus_unet_lr_ratio: float | None = None,
-                 loraplus_text_encoder_lr_ratio: float | None = None, varbose: bool = False):
+                 loraplus_text_encoder_lr_ratio: float | None = None, varbose: bool = False,
+                 exclude_patterns: list | None = None, include_patterns: list | None = None,
+                 train_block_indices: list[int] | None = None, dora_wd: bool = False):
+        """KS's constructor patterns: (lora_dim, alpha[, conv_lora_dim, conv_alpha]), block-wise (block_dims,
+        block_alphas[, conv_block_dims, conv_block_alphas]) or from a file (modules_dim, modules_alpha).
+        exclude_patterns / include_patterns (regexes, fullmatch on the module path or the KS name): a module
+        matching an exclude pattern and no include pattern gets no LoRA (KS lora_anima). dora_wd: DoRAModule."""
         super().__init__()
         self.family = detect_family(unet)
         self.multiplier = multiplier
@@ -328,24 +297,42 @@ class LoRANetwork(torch.nn.Module):
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self.loraplus_unet_lr_ratio = loraplus_unet_lr_ratio
         self.loraplus_text_encoder_lr_ratio = loraplus_text_encoder_lr_ratio
+        self.block_lr_weight: list[float] | None = None
+        self.dora_wd = dora_wd
+        if dora_wd and module_class is LoRAModule:
+            module_class = DoRAModule
         # the family's file format: "peft" (diffusers keys, SD3: what diffusers and ComfyUI load) or "kohya"
         self.file_format = get_family(self.family).lora_file_format
 
-        # KS: LoCon blocks join the targets when conv_dim is given or dims come from a file.
-        include_conv = conv_lora_dim is not None or modules_dim is not None
+        # KS: LoCon blocks join the targets when conv dims are given or dims come from a file.
+        include_conv = conv_lora_dim is not None or conv_block_dims is not None or modules_dim is not None
         targets = (text_encoder_targets(self.family, text_encoder_list(text_encoder))
                    + unet_targets(self.family, unet, include_conv))
+        block_index = self._block_index_fn() if block_dims is not None else None
         self.text_encoder_loras: list[LoRAModule] = []
         self.unet_loras: list[LoRAModule] = []
         skipped = []
         for target in targets:
+            linear_like = target.kind in ("linear", "conv1x1")  # KS: 1×1 convs (SD1 proj_in/out) use linear ranks
             if modules_dim is not None:
                 dim = modules_dim.get(target.lora_name)
                 module_alpha = (modules_alpha or {}).get(target.lora_name, dim)
-            elif target.kind in ("linear", "conv1x1"):  # KS: 1×1 convs (SD1 proj_in/out) use the linear rank
+            elif block_index is not None and not target.is_text_encoder:
+                index = block_index(target.lora_name)
+                if linear_like:
+                    dim, module_alpha = block_dims[index], block_alphas[index]
+                elif conv_block_dims is not None:
+                    dim, module_alpha = conv_block_dims[index], conv_block_alphas[index]
+                else:
+                    dim = module_alpha = None
+            elif linear_like:
                 dim, module_alpha = lora_dim, alpha
             else:
                 dim, module_alpha = conv_lora_dim, conv_alpha
+            if dim and _excluded(target, exclude_patterns, include_patterns):
+                dim = None
+            if dim and train_block_indices is not None and not _in_selected_block(target, train_block_indices):
+                dim = None
             if not dim:
                 skipped.append(target.lora_name)
                 continue
@@ -356,9 +343,19 @@ class LoRANetwork(torch.nn.Module):
             self.add_module(lora.lora_name, lora)
         self._index = names_index(targets)
         if varbose and skipped:
-            logger.info("LoRA: %d modules skipped (rank 0 or not in the weights file)", len(skipped))
+            logger.info("LoRA: %d modules skipped (rank 0, excluded, or not in the weights file)", len(skipped))
         logger.info("LoRA (%s): %d text encoder modules, %d denoiser modules", self.family,
                     len(self.text_encoder_loras), len(self.unet_loras))
+
+    def _block_index_fn(self):
+        layout = block_layout(self.family)
+        if layout is None:
+            raise UserError(f"--network_args: block-wise options are for the SD1/SD2/SDXL UNet, not {self.family}")
+        return layout.block_index
+
+    def set_block_lr_weight(self, block_lr_weight: list[float] | None) -> None:
+        """KS: per-block lr multipliers of the UNet modules (prepare_optimizer_params makes one group per block)."""
+        self.block_lr_weight = block_lr_weight
 
     # ---- KS training API ----------------------------------------------------------------------------------
     def apply_to(self, text_encoder=None, unet=None, apply_text_encoder: bool = True,
@@ -407,8 +404,9 @@ class LoRANetwork(torch.nn.Module):
     def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr) -> list[dict]:
         """Optimizer param groups: one per text encoder, one for the denoiser (KS). text_encoder_lr is a number,
         None (-> default_lr) or a list (one per text encoder; a single value is used for all). With a LoRA+ ratio
-        (Hayou et al. 2024) each part splits into a lora_down group and a lora_up group at ratio · lr. A part
-        whose lr is 0 is frozen (no group, requires_grad False)."""
+        (Hayou et al. 2024) each part splits into a group without lora_up and a lora_up group at ratio · lr.
+        With block lr weights (down/mid/up_lr_weight) the denoiser gets one group per KS block at lr · weight.
+        A part whose lr is 0 is frozen (no group, requires_grad False)."""
         self.requires_grad_(True)
         te_lrs = _per_text_encoder(text_encoder_lr, default_lr)
         groups: list[dict] = []
@@ -417,8 +415,37 @@ class LoRANetwork(torch.nn.Module):
             loras = [lora for lora in self.text_encoder_loras if lora.component == component]
             groups += _param_groups(loras, te_lrs[min(i, len(te_lrs) - 1)], te_ratio)
         unet_ratio = self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio
-        groups += _param_groups(self.unet_loras, unet_lr if unet_lr is not None else default_lr, unet_ratio)
+        lr = unet_lr if unet_lr is not None else default_lr
+        if self.block_lr_weight is None or not self.unet_loras:
+            return groups + _param_groups(self.unet_loras, lr, unet_ratio)
+        block_index = self._block_index_fn()
+        by_block: dict[int, list[LoRAModule]] = {}
+        for lora in self.unet_loras:
+            by_block.setdefault(block_index(lora.lora_name), []).append(lora)
+        for index, loras in by_block.items():
+            groups += _param_groups(loras, None if lr is None else lr * self.block_lr_weight[index], unet_ratio)
         return groups
+
+    # ---- --scale_weight_norms -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def apply_max_norm_regularization(self, max_norm_value: float, device=None) -> tuple[int, float, float]:
+        """KS max-norm regularisation, after each optimizer step: for every module with ‖ΔW‖_F > max_norm
+        (ΔW = scale · up·down), scale up and down by √(max_norm / ‖ΔW‖_F), so ‖ΔW‖_F becomes max_norm.
+        Returns (keys_scaled, mean ‖ΔW‖ after scaling, max ‖ΔW‖ after scaling), as KS. One host sync."""
+        loras = self.text_encoder_loras + self.unet_loras
+        if not loras:
+            return 0, 0.0, 0.0
+        norms = torch.stack([lora.delta_weight().norm() for lora in loras])
+        # KS: n = max(‖ΔW‖, max/2), ratio = min(n, max) / n: 1 unless ‖ΔW‖ > max
+        floored = norms.clamp(min=max_norm_value / 2)
+        ratios = floored.clamp(max=max_norm_value) / floored
+        for lora, ratio in zip(loras, ratios.sqrt()):
+            lora.lora_up.weight.mul_(ratio.to(lora.lora_up.weight.dtype))
+            lora.lora_down.weight.mul_(ratio.to(lora.lora_down.weight.dtype))
+        scaled_norms = norms * ratios
+        keys_scaled, mean_norm, max_norm = torch.stack([(ratios != 1).sum().float(), scaled_norms.mean(),
+                                                        scaled_norms.max()]).tolist()
+        return int(keys_scaled), mean_norm, max_norm
 
     # ---- files ------------------------------------------------------------------------------------------
     def load_weights(self, file: str):
@@ -458,7 +485,7 @@ class LoRANetwork(torch.nn.Module):
     def file_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The tensors as written to a LoRA file, in `dtype`, on the CPU.
 
-        kohya: '<lora_name>.lora_down.weight' / '.lora_up.weight' / '.alpha'.
+        kohya: '<lora_name>.lora_down.weight' / '.lora_up.weight' / '.alpha' (+ '.dora_scale' with DoRA).
         peft (SD3): '<peft_name>.lora_A.weight' = down, '.lora_B.weight' = scale · up (PEFT files carry no
         alpha and diffusers' SD3 loader rejects extra keys, so the scale is baked into B: every loader then
         computes the same W + B·A)."""
@@ -473,6 +500,8 @@ class LoRANetwork(torch.nn.Module):
                 tensors[f"{lora.lora_name}.lora_down.weight"] = down
                 tensors[f"{lora.lora_name}.lora_up.weight"] = up
                 tensors[f"{lora.lora_name}.alpha"] = lora.alpha.detach()
+                if isinstance(lora, DoRAModule):
+                    tensors[f"{lora.lora_name}.dora_scale"] = lora.dora_scale.detach()
         return {k: v.to("cpu", dtype=dtype or v.dtype).contiguous() for k, v in tensors.items()}
 
     def save_weights(self, file: str, dtype: torch.dtype | None, metadata: dict | None) -> None:
@@ -500,7 +529,8 @@ class LoRANetwork(torch.nn.Module):
         for lora in self.text_encoder_loras + self.unet_loras:
             lora.restore()
             weight = lora.org_module.weight
-            delta = lora.delta_weight() * lora.multiplier
+            delta = (lora.decomposed_delta() if isinstance(lora, DoRAModule) else lora.delta_weight()) \
+                * lora.multiplier
             weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
 
 
@@ -513,19 +543,21 @@ def _per_text_encoder(text_encoder_lr, default_lr) -> list:
 
 
 def _param_groups(loras: list[LoRAModule], lr, loraplus_ratio: float | None) -> list[dict]:
-    """KS assemble_params: [{'params': down(+up)}, {'params': up, 'lr': lr·ratio}] (LoRA+), lr 0 -> frozen."""
+    """KS assemble_params: [{'params': all but lora_up (+lora_up)}, {'params': lora_up, 'lr': lr·ratio}] (LoRA+);
+    lr 0 -> frozen, no group."""
     if not loras:
         return []
-    ups = [lora.lora_up.weight for lora in loras]
-    downs = [lora.lora_down.weight for lora in loras]
+    named = [(name, p) for lora in loras for name, p in lora.named_parameters()]
+    ups = [p for name, p in named if name.startswith("lora_up")]
+    rest = [p for name, p in named if not name.startswith("lora_up")]
     if lr is not None and lr == 0:
-        for p in ups + downs:
+        for _, p in named:
             p.requires_grad_(False)
         return []
     if loraplus_ratio is None:
-        parts = [(downs + ups, lr)]
+        parts = [(rest + ups, lr)]
     else:
-        parts = [(downs, lr), (ups, None if lr is None else lr * loraplus_ratio)]
+        parts = [(rest, lr), (ups, None if lr is None else lr * loraplus_ratio)]
     groups = []
     for params, group_lr in parts:
         group = {"params": params}
@@ -535,37 +567,57 @@ def _param_groups(loras: list[LoRAModule], lr, loraplus_ratio: float | None) -> 
     return groups
 
 
+def _excluded(target: LoraTarget, exclude: list | None, include: list | None) -> bool:
+    """KS lora_anima: excluded when an exclude pattern fullmatches and no include pattern does. A pattern may name
+    the module path in the model (down_blocks.1.attentions.0...) or the KS file name (lora_unet_...)."""
+    if not exclude:
+        return False
+
+    def matches(patterns):
+        return any(p.fullmatch(target.module_path) or p.fullmatch(target.lora_name) for p in patterns or [])
+
+    return matches(exclude) and not matches(include)
+
+
+def _in_selected_block(target: LoraTarget, indices: list[int]) -> bool:
+    """KS lora_sd3 train_block_indices: transformer (joint) block i keeps its modules when i is selected;
+    modules outside the blocks and the text encoders are not filtered."""
+    parts = target.module_path.split(".")
+    if target.is_text_encoder or parts[0] != "transformer_blocks":
+        return True
+    return int(parts[1]) in indices
+
+
 # =========================================================================================================
 # KS entry points
 # =========================================================================================================
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoder,
                    unet, neuron_dropout: float | None = None, **kwargs) -> LoRANetwork:
     """KS create_network. network_dim None -> 4 and network_alpha None -> 1.0 (KS defaults); kwargs are the
-    --network_args strings (conv_dim, conv_alpha, rank_dropout, module_dropout, loraplus_*_lr_ratio).
+    --network_args strings (checked by validate_network_args: conv_dim, block_dims, loraplus_lr_ratio, ...).
     text_encoder: a module or a list (sdxl: [clip_l, clip_g]; sd3: [clip_l, clip_g, t5 or None])."""
-    dim, alpha, neuron_dropout = _check_rank_and_alpha(4 if network_dim is None else network_dim,
-                                                       1.0 if network_alpha is None else network_alpha,
-                                                       neuron_dropout)
-    args = parse_network_args(kwargs)
-    conv_dim = args.get("conv_dim")
-    conv_alpha = args.get("conv_alpha")
-    if conv_dim is not None and conv_alpha is None:
-        conv_alpha = 1.0  # KS default
-    return LoRANetwork(text_encoder, unet, multiplier=multiplier, lora_dim=dim, alpha=alpha, dropout=neuron_dropout,
-                       rank_dropout=args.get("rank_dropout"), module_dropout=args.get("module_dropout"),
-                       conv_lora_dim=conv_dim, conv_alpha=conv_alpha,
-                       loraplus_lr_ratio=args.get("loraplus_lr_ratio"),
-                       loraplus_unet_lr_ratio=args.get("loraplus_unet_lr_ratio"),
-                       loraplus_text_encoder_lr_ratio=args.get("loraplus_text_encoder_lr_ratio"), varbose=True)
+    o = validate_network_args(kwargs, detect_family(unet), network_dim=network_dim, network_alpha=network_alpha,
+                              network_dropout=neuron_dropout)
+    network = LoRANetwork(text_encoder, unet, multiplier=multiplier, lora_dim=o.dim, alpha=o.alpha, dropout=o.dropout,
+                          rank_dropout=o.rank_dropout, module_dropout=o.module_dropout, conv_lora_dim=o.conv_dim,
+                          conv_alpha=o.conv_alpha, block_dims=o.block_dims, block_alphas=o.block_alphas,
+                          conv_block_dims=o.conv_block_dims, conv_block_alphas=o.conv_block_alphas,
+                          loraplus_lr_ratio=o.loraplus_lr_ratio, loraplus_unet_lr_ratio=o.loraplus_unet_lr_ratio,
+                          loraplus_text_encoder_lr_ratio=o.loraplus_text_encoder_lr_ratio, varbose=True,
+                          exclude_patterns=o.exclude_patterns, include_patterns=o.include_patterns,
+                          train_block_indices=o.train_block_indices, dora_wd=o.dora_wd)
+    network.set_block_lr_weight(o.block_lr_weight)
+    return network
 
 
 def create_network_from_weights(multiplier: float, file: str | None, vae, text_encoder, unet,
                                 weights_sd: dict | None = None, for_inference: bool = False,
                                 neuron_dropout: float | None = None, **kwargs) -> tuple[LoRANetwork, dict]:
     """KS create_network_from_weights (--dim_from_weights): one module per module in the file, with the file's
-    rank and alpha (alpha = rank when the file has none, e.g. PEFT files). Returns (network, weights) with the
-    weights renamed to the network's state_dict keys, so network.load_state_dict(weights) loads them.
-    for_inference is accepted for KS compatibility (the same module serves both)."""
+    rank and alpha (alpha = rank when the file has none, e.g. PEFT files), DoRA when the file has .dora_scale.
+    Returns (network, weights) with the weights renamed to the network's state_dict keys, so
+    network.load_state_dict(weights) loads them. for_inference is accepted for KS compatibility (the same module
+    serves both). Of the network_args, dropouts, LoRA+ ratios and block lr weights apply (KS)."""
     if weights_sd is None:
         weights_sd, _ = read_lora_file(file)
     family = detect_family(unet)
@@ -587,12 +639,12 @@ def create_network_from_weights(multiplier: float, file: str | None, vae, text_e
     for name, dim in modules_dim.items():
         modules_alpha.setdefault(name, dim)
 
-    neuron_dropout = _check_neuron_dropout(neuron_dropout)
-    args = parse_network_args(kwargs)
+    o = validate_network_args(kwargs, family, network_dropout=neuron_dropout)
+    dora = any(key.endswith(".dora_scale") for key in internal)
     network = LoRANetwork(text_encoder, unet, multiplier=multiplier, modules_dim=modules_dim,
-                          modules_alpha=modules_alpha, dropout=neuron_dropout,
-                          rank_dropout=args.get("rank_dropout"), module_dropout=args.get("module_dropout"),
-                          loraplus_lr_ratio=args.get("loraplus_lr_ratio"),
-                          loraplus_unet_lr_ratio=args.get("loraplus_unet_lr_ratio"),
-                          loraplus_text_encoder_lr_ratio=args.get("loraplus_text_encoder_lr_ratio"))
+                          modules_alpha=modules_alpha, dropout=o.dropout, rank_dropout=o.rank_dropout,
+                          module_dropout=o.module_dropout, loraplus_lr_ratio=o.loraplus_lr_ratio,
+                          loraplus_unet_lr_ratio=o.loraplus_unet_lr_ratio,
+                          loraplus_text_encoder_lr_ratio=o.loraplus_text_encoder_lr_ratio, dora_wd=dora)
+    network.set_block_lr_weight(o.block_lr_weight)
     return network, internal

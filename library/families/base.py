@@ -104,6 +104,8 @@ class Family:
     lora_unet_targets: Callable[[Any, bool], list] | None = None
     lora_file_format: str = "kohya"
     detects: Callable[[Any], bool] = lambda denoiser: False
+    # KS's block numbering of the UNet for block_dims / *_lr_weight (networks/lora_blocks.py); None: no blocks
+    lora_block_layout: Any = None
     # metadata: ss_base_model_version from the parsed flags
     base_model_version: Callable[[argparse.Namespace], str] = lambda args: ""
     # tools: tiny model writer (tools/make_tiny_model.py) and what tools/show_timesteps.py draws with

@@ -21,7 +21,7 @@ import torch
 from library.errors import UserError
 from library.families import loading
 from library.families.base import Family, ModelOptions, Models
-from networks import lora_keys
+from networks import lora_blocks, lora_keys
 
 logger = logging.getLogger(__name__)
 
@@ -319,6 +319,7 @@ FAMILY = Family(
     adapter_class=SD1Adapter, entry_script="train_network.py", prediction_types=("epsilon", "v_prediction"),
     options_class=SD1Options, add_arguments=add_arguments, aliases=("sd2",),
     lora_unet_targets=lora_keys.ks_unet_targets, lora_file_format="kohya",
+    lora_block_layout=lora_blocks.SD_UNET_LAYOUT,
     detects=lambda denoiser: True,   # any UNet the more specific families (tried first) do not claim
     base_model_version=base_model_version,
     write_tiny_model=write_tiny_model, tiny_model_flags=("single_file", "model_config_out", "v2", "v_prediction"),

@@ -34,7 +34,7 @@ from library.families.loading import (
 )
 from library.families.sd1 import CLIP_CHUNK, MAX_TOKEN_LENGTHS, chunk_token_ids, merge_chunk_states
 from library.sdxl_convert import SAI_CLIP_L_PREFIX, SAI_OPEN_CLIP_G_PREFIX, SAI_UNET_PREFIX
-from networks import lora_keys
+from networks import lora_blocks, lora_keys
 
 logger = logging.getLogger(__name__)
 
@@ -289,5 +289,6 @@ FAMILY = Family(
     adapter_class=SDXLAdapter, entry_script="sdxl_train_network.py", prediction_types=("epsilon", "v_prediction"),
     check=check_options, text_encoder_cache=True, batch_keys=SIZE_KEYS,
     lora_unet_targets=lora_keys.sai_unet_targets, lora_file_format="kohya", detects=lora_keys.is_sdxl_unet,
+    lora_block_layout=lora_blocks.SDXL_UNET_LAYOUT,
     base_model_version=lambda args: "sdxl_base_v1-0",
     write_tiny_model=write_tiny_model, default_resolution=1024, latent_channels=4)

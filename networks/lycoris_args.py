@@ -1,0 +1,117 @@
+"""Checks of `--network_module lycoris.kohya` network_args, before any model loads.
+
+LyCORIS (package lycoris-lora, pinned in requirements.txt) reads its keys with `kwargs.get` and ignores any other,
+and reads a boolean as True unless it is the string "False" (lycoris.utils.str_bool). So a typo or `dora_wd=0`
+would silently train something else. The keys and their types are those of lycoris/kohya.py `create_network`
+(4.1.3; tests/test_networks_lycoris.py checks this list against the installed source); which algorithm takes
+which option is LyCORIS's own table (lycoris.config_sdk.ALGO_REGISTRY).
+"""
+from __future__ import annotations
+
+import os
+
+from library.errors import UserError, closest
+
+
+def _number(minimum: float | None = None, integer: bool = False):
+    def parse(value):
+        number = float(value)
+        if integer and number != int(number):
+            raise ValueError("must be an integer")
+        if minimum is not None and number < minimum:
+            raise ValueError(f"must be >= {minimum:g}")
+        return number
+    return parse
+
+
+def _probability(value):
+    p = float(value)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError("must be a probability in [0, 1]")
+    return p
+
+
+def _boolean(value):
+    if str(value).strip().lower() not in ("true", "false"):
+        raise ValueError("must be True or False (LyCORIS reads anything but 'False' as True)")
+    return str(value).strip().lower() == "true"
+
+
+def _factor(value):
+    number = _number(integer=True)(value)
+    if number != -1 and number < 1:
+        raise ValueError("must be -1 (automatic) or a positive integer")
+    return number
+
+
+# key -> parser (ValueError with a reason)
+LYCORIS_KEYS = {
+    "algo": str, "preset": str,
+    "conv_dim": _number(0, True), "conv_alpha": _number(0),
+    "dropout": _probability, "rank_dropout": _probability, "module_dropout": _probability,
+    "factor": _factor, "block_size": _number(1, True), "constraint": _number(0), "constrain": _number(0),
+    "decompose_both": _boolean, "use_tucker": _boolean, "use_cp": _boolean, "use_conv_cp": _boolean,
+    "disable_conv_cp": _boolean, "use_scalar": _boolean, "train_norm": _boolean, "rescaled": _boolean,
+    "dora_wd": _boolean, "wd_on_output": _boolean, "full_matrix": _boolean, "bypass_mode": _boolean,
+    "rs_lora": _boolean, "unbalanced_factorization": _boolean, "train_t5xxl": _boolean,
+    "train_llm_adapter": _boolean,
+    "loraplus_lr_ratio": _number(0), "loraplus_unet_lr_ratio": _number(0),
+    "loraplus_text_encoder_lr_ratio": _number(0),
+}
+# network_args key -> the option name in LyCORIS's ALGO_REGISTRY; only keys that some algorithms lack
+_ALGO_SPECIFIC = {"factor": "factor", "full_matrix": "full_matrix", "unbalanced_factorization":
+                  "unbalanced_factorization", "dora_wd": "weight_decompose", "wd_on_output": "wd_on_output",
+                  "constraint": "constraint", "rescaled": "rescaled", "block_size": "block_size"}
+_KS_LORA_ONLY = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
+                 "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "exclude_patterns", "include_patterns")
+
+
+def validate_network_args(network_args: dict, family: str, network_dim=None, network_alpha=None,
+                          network_dropout=None, **_ignored) -> dict:
+    """Raise UserError on unknown keys, bad values, an unknown algo or preset, or an option the algo ignores."""
+    try:
+        from lycoris.config import PRESET
+        from lycoris.config_sdk import ALGO_REGISTRY
+        from lycoris.wrapper import network_module_dict
+    except ImportError:
+        raise UserError("--network_module lycoris.kohya: LyCORIS is not installed; pip install lycoris-lora "
+                        "(the version in requirements.txt)") from None
+    if network_dim is not None and (network_dim != int(network_dim) or network_dim < 1):
+        raise UserError(f"--network_dim: {network_dim!r} must be a positive integer (LyCORIS's linear dim)")
+    if network_alpha is not None and network_alpha < 0:
+        raise UserError(f"--network_alpha: {network_alpha!r} must be >= 0")
+    if network_dropout is not None:
+        raise UserError("--network_dropout is not read by lycoris.kohya; use --network_args dropout=P")
+    parsed = {}
+    for key, raw in network_args.items():
+        if key in _KS_LORA_ONLY:
+            raise UserError(f"--network_args: '{key}' is a networks.lora option; LyCORIS selects modules with "
+                            "preset= (a name or a preset .toml)")
+        if key not in LYCORIS_KEYS:
+            suggestion = closest(key, LYCORIS_KEYS)
+            hint = f"did you mean '{suggestion}'? " if suggestion else ""
+            raise UserError(f"--network_args: unknown key '{key}' for lycoris.kohya (LyCORIS would ignore it); "
+                            f"{hint}valid keys: {', '.join(LYCORIS_KEYS)}")
+        try:
+            parsed[key] = LYCORIS_KEYS[key](raw)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"--network_args: {key}={raw!r} {e or 'is not valid'}") from None
+
+    algo = str(parsed.get("algo", "lora")).lower()
+    if algo not in network_module_dict:
+        suggestion = closest(algo, network_module_dict)
+        hint = f"did you mean '{suggestion}'? " if suggestion else ""
+        raise UserError(f"--network_args: algo={algo!r} is not a LyCORIS algorithm; {hint}"
+                        f"choose one of {', '.join(network_module_dict)}")
+    preset = parsed.get("preset")
+    if preset is not None and preset not in PRESET and not os.path.isfile(preset):
+        raise UserError(f"--network_args: preset={preset!r} is neither a LyCORIS preset ({', '.join(PRESET)}) nor "
+                        "an existing preset .toml file")
+    spec = ALGO_REGISTRY.get(algo)
+    if spec is not None:
+        for key, option in _ALGO_SPECIFIC.items():
+            if key in parsed and parsed[key] not in (False,) and not spec.supports(option):
+                users = [name for name, s in ALGO_REGISTRY.items() if s.supports(option)]
+                raise UserError(f"--network_args: {key} does nothing with algo={algo}; it is an option of "
+                                f"{', '.join(users)}")
+    return parsed
