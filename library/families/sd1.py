@@ -290,7 +290,6 @@ class SD1Adapter:
                                        tokenizer=models.tokenizers[0], unet=models.denoiser, scheduler=scheduler,
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
-
     def pipeline_kwargs(self, models: Models) -> dict[str, Any]:
         """KS --clip_skip N is diffusers clip_skip N − 1."""
         clip_skip = models.extra.get("clip_skip")
