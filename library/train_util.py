@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import toml
 
 from library.errors import UserError, unknown_key_message
-from library import loss_config, metrics
+from library import loss_config, memory_modes, metrics
 from library.families import get_family
 from library.losses import conditional_loss  # noqa: F401  (KS facade, re-exported for users' patches)
 
@@ -202,6 +202,7 @@ def setup_parser(family: str) -> argparse.ArgumentParser:
     add_training_arguments(parser)
     loss_config.add_arguments(parser)
     metrics.add_metric_arguments(parser)
+    memory_modes.add_arguments(parser)
     add_config_arguments(parser)
     return parser
 

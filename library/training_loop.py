@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from library import checkpointing, metadata as metadata_lib, metrics as metrics_lib, optimizers, sampling
-from library import validation as validation_lib
+from library import memory_modes, validation as validation_lib
 from library.checkpointing import TrainState
 from library.data.loader import batch_steps
 from library.errors import UserError
@@ -46,6 +46,7 @@ class Plan:
     seed: int
     weight_dtype: torch.dtype = torch.float32
     save_dtype: torch.dtype = torch.float32
+    memory: memory_modes.MemoryOptions = field(default_factory=memory_modes.MemoryOptions)
 
 
 # KS flags accepted so existing scripts run, whose behaviour is always on (or irrelevant) here; named when used.
@@ -107,9 +108,7 @@ def validate(args: argparse.Namespace, adapter: FamilyAdapter) -> Plan:
     metrics_lib.validate_metric_options(args)
     if (args.sample_every_n_steps or args.sample_every_n_epochs) and not args.sample_prompts:
         raise UserError("--sample_every_n_steps/--sample_every_n_epochs need --sample_prompts FILE")
-    if args.full_fp16 or args.full_bf16:
-        raise UserError("--full_fp16/--full_bf16 are not supported: the LoRA weights train in fp32 while the frozen "
-                        "models run in --mixed_precision fp16/bf16; drop the flag")
+    memory = memory_modes.MemoryOptions.from_args(args)  # --full_bf16, --fp8_base, ... (KS semantics)
     for flag, why in COMPATIBILITY_NO_OPS.items():
         if getattr(args, flag, False):
             print(f"note: --{flag} has no effect here: {why}")
@@ -144,7 +143,7 @@ def validate(args: argparse.Namespace, adapter: FamilyAdapter) -> Plan:
                 train_unet=not args.network_train_text_encoder_only,
                 train_text_encoder=not args.network_train_unet_only, network_kwargs=network_kwargs,
                 seed=args.seed if args.seed is not None else 42, weight_dtype=weight_dtype,
-                save_dtype=_DTYPES[args.save_precision] or torch.float32)
+                save_dtype=_DTYPES[args.save_precision] or torch.float32, memory=memory)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -315,6 +314,7 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
         return ""
 
     accelerator = make_accelerator(args)
+    memory_modes.prepare_accelerator(accelerator, plan.memory)
     rank, world_size = accelerator.process_index, accelerator.num_processes
 
     models = adapter.load(plan.model)
@@ -329,6 +329,7 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
         if next(module.parameters()).dtype != dtype:  # cast only when needed (diffusers warns on no-op casts)
             module.to(dtype=dtype)
         _own_weight_memory(module)
+    memory_modes.apply_to_models(models, plan.memory)  # --fp8_base: before any network patches the layers
 
     # Latents (and text-encoder outputs) are cached once, before training; the main process writes disk caches.
     # VAE sampling draws from the global RNG: seed it so cached latents are the same in every run and rank.
@@ -340,17 +341,9 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
 
     torch.manual_seed(plan.seed)  # the same LoRA initialisation on every rank and in every run with this seed
     network = _make_network(args, plan, models)
-    if args.gradient_checkpointing:
-        models.denoiser.enable_gradient_checkpointing()
-        models.denoiser.train()
-        if plan.train_text_encoder:
-            for te in models.text_encoders:
-                if te is not None and hasattr(te, "gradient_checkpointing_enable"):
-                    te.gradient_checkpointing_enable()
-                    te.train()
-        if hasattr(network, "enable_gradient_checkpointing"):
-            network.enable_gradient_checkpointing()
+    memory_modes.enable_gradient_checkpointing(models, network, plan.memory, plan.train_text_encoder)
     network.to(device)
+    memory_modes.cast_network(network, plan.memory)  # --full_bf16 / --full_fp16
 
     # Steps: an epoch is this rank's share of batches; an optimizer step is gradient_accumulation_steps of them.
     micro_per_epoch = len(epoch_batches(group, 0, rank, world_size))
@@ -666,6 +659,7 @@ def _make_optimizer(args, plan: Plan, network):
     if isinstance(param_groups, tuple):  # KS networks return (params, descriptions)
         param_groups = param_groups[0]
     factory = optimizers.make_optimizer_factory(args.optimizer_type, args.learning_rate, args.optimizer_args)
+    factory = memory_modes.wrap_optimizer_factory(factory, plan.memory, plan.seed)  # --stochastic_rounding
     warmup = optimizers.warmup_steps(args.lr_warmup_steps, args.max_train_steps)
 
     def make_scheduler(opt, share: int = 1):

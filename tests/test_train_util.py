@@ -103,14 +103,15 @@ def test_optimizer_names_and_args():
 
 
 def test_flags_without_effect_are_refused_or_named(tmp_path, capsys):
-    """No silent ignores: --full_fp16 is refused; KS compatibility flags that are always-on here are named."""
+    """No silent ignores: --full_fp16 without its --mixed_precision is refused; KS compatibility flags that are
+    always-on here are named."""
     from library import training_loop
     from library.families import get_adapter
 
     (tmp_path / "1_x").mkdir()
     base = ["--pretrained_model_name_or_path", str(tmp_path), "--train_data_dir", str(tmp_path), "--output_dir",
             str(tmp_path)]
-    args = train_util.parse_args("sd1", base + ["--mixed_precision", "fp16", "--full_fp16"])
+    args = train_util.parse_args("sd1", base + ["--mixed_precision", "bf16", "--full_fp16"])
     with pytest.raises(UserError, match="full_fp16"):
         training_loop.validate(args, get_adapter("sd1"))
     args = train_util.parse_args("sd1", base + ["--sdpa", "--lowram"])
