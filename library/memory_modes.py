@@ -144,8 +144,9 @@ def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_fp8(w8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """w8 · scale in `dtype` (the up-cast reference): multiplied in fp32 and rounded once."""
-    return (w8.float() * scale.float()).to(dtype)
+    """w8 · scale in `dtype` (the up-cast reference). One `dtype` tensor of the layer's size is the only
+    temporary (fp8 values are exact in bf16/fp16; the product adds one rounding of that dtype)."""
+    return w8.to(dtype).mul_(scale.to(dtype))
 
 
 class _UpcastLinear(torch.autograd.Function):

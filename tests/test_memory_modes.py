@@ -54,7 +54,7 @@ def test_fp8_linear_and_conv_forward_and_input_grad_equal_the_upcast_reference()
         fp32_weight = layer.weight.detach().clone()
         assert mm.store_weights_fp8(torch.nn.Sequential(layer), torch.bfloat16) == 1
         assert layer.weight.dtype == torch.float8_e4m3fn and "weight" not in dict(layer.named_parameters())
-        reference_weight = mm.dequantize_fp8(layer.weight, layer.weight_scale, torch.float32).to(torch.bfloat16)
+        reference_weight = layer.weight.to(torch.bfloat16) * layer.weight_scale.to(torch.bfloat16)
         x = torch.randn(x_shape, requires_grad=True)
         x_ref = x.detach().clone().requires_grad_(True)
         if isinstance(layer, torch.nn.Linear):
@@ -70,7 +70,7 @@ def test_fp8_linear_and_conv_forward_and_input_grad_equal_the_upcast_reference()
         torch.testing.assert_close(x.grad, x_ref.grad, rtol=2 ** -6, atol=1e-2)
         # and the fp8 weight is within fp8 rounding of the original fp32 weight
         rel = (reference_weight.float() - fp32_weight).abs() / fp32_weight.abs().clamp_min(1e-3)
-        assert rel.max() <= FP8_REL * 1.05
+        assert rel.max() <= FP8_REL + 2.0 ** -7     # fp8 rounding, plus bf16's for the product
 
 
 def test_lora_wrapping_an_fp8_layer_adds_its_update_to_the_upcast_output():
