@@ -13,8 +13,8 @@ KS facts (train_network.py, library/train_util.py, 2026 snapshot):
 
 Where we differ, and why:
 * fp8: each output channel of a Linear/Conv2d weight is scaled into fp8's range (amax -> 448) before the cast,
-  with the scale kept in fp32 beside it. A plain cast (KS) flushes every |w| < 2^-10 to zero and keeps only 1-2
-  significant bits below 2^-6, which is where most diffusion-model weights live; with the scale every weight
+  with the scale kept in fp32 beside it. A plain cast (KS) flushes every |w| < 2^-10 to zero and keeps at most 2
+  significant bits below 2^-7, where many diffusion-model weights live; with the scale every weight
   keeps fp8's 3-bit mantissa (relative error <= 2^-4). The up-cast happens per layer in the forward, in an
   autograd function that saves the fp8 tensor (not an up-cast copy) for the backward, so a step never holds more
   than one layer's up-cast weight. LayerNorm/GroupNorm, embeddings and biases stay in the mixed-precision dtype;

@@ -42,6 +42,8 @@ def training_metadata(args: argparse.Namespace, family: str, *, num_train_images
         "ss_scale_weight_norms": getattr(args, "scale_weight_norms", None),
         "ss_mixed_precision": args.mixed_precision,
         "ss_full_fp16": args.full_fp16,
+        "ss_fp8_base": getattr(args, "fp8_base", False),
+        "ss_fp8_base_unet": getattr(args, "fp8_base_unet", False),
         "ss_v2": getattr(args, "v2", False),
         "ss_base_model_version": base_version,
         "ss_clip_skip": getattr(args, "clip_skip", None),
