@@ -6,12 +6,13 @@ import tempfile
 from typing import Callable
 
 
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
+def atomic_write(path: str, write: Callable[[str], None], suffix: str = ".tmp") -> None:
     """write(tmp) to a temporary file in the same folder, fsync, then os.replace: a crash or an exception
-    midway leaves the previous file (if any) untouched and no partial file under `path`."""
+    midway leaves the previous file (if any) untouched and no partial file under `path`. `suffix` ends the
+    temporary name (for writers that pick a format from the extension)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=suffix)
     os.close(fd)
     try:
         write(tmp)

@@ -29,6 +29,7 @@ from library.errors import UserError
 from library.families import get_family
 from library.families.base import FamilyAdapter, ModelOptions
 from library.loss_config import LossConfig
+from networks import network_args as network_args_lib
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,7 +126,6 @@ def validate(args: argparse.Namespace, adapter: FamilyAdapter) -> Plan:
     except ImportError as e:
         raise UserError(f"--network_module {args.network_module}: cannot import it ({e})") from None
     optimizers.validate_optimizer_options(args.optimizer_type, args.optimizer_args)
-    from networks import network_args as network_args_lib
     network_kwargs = network_args_lib.validate(
         args.network_module, args.network_args, family, network_dim=args.network_dim, network_alpha=args.network_alpha,
         network_dropout=args.network_dropout, scale_weight_norms=getattr(args, "scale_weight_norms", None))
@@ -638,11 +638,11 @@ def _make_network(args, plan: Plan, models):
                                                 models.denoiser, neuron_dropout=args.network_dropout,
                                                 **plan.network_kwargs)
     if getattr(args, "scale_weight_norms", None):
-        from networks.network_args import check_network_supports_max_norm
-        check_network_supports_max_norm(network, args.network_module)
+        network_args_lib.check_network_supports_max_norm(network, args.network_module)
     network.apply_to(text_encoders, models.denoiser, plan.train_text_encoder, plan.train_unet)
     if args.network_weights:  # with --dim_from_weights too: the shapes came from the file, so do the weights
-        info = network.load_weights(args.network_weights)
+        info = network_args_lib.load_network_weights(network, args.network_module, args.network_weights,
+                                                     models.denoiser)
         print(f"loaded --network_weights {args.network_weights}: {info}")
     if hasattr(network, "prepare_grad_etc"):
         network.prepare_grad_etc(text_encoders, models.denoiser)
@@ -705,7 +705,7 @@ def _save_lora(run: Run, name: str) -> str:
     path = os.path.join(run.args.output_dir, name + ".safetensors")
     os.makedirs(run.args.output_dir, exist_ok=True)
     md = metadata_lib.finish_metadata(run.metadata, run.state.step, run.state.epoch)
-    run.network.save_weights(path, run.plan.save_dtype, md)
+    network_args_lib.save_network_weights(run.network, path, run.plan.save_dtype, md)
     return path
 
 

@@ -269,6 +269,7 @@ class LoRANetwork(torch.nn.Module):
     '<lora_name>.lora_down.weight', '.lora_up.weight', '.alpha' for every family."""
 
     LORA_PREFIX_UNET = "lora_unet"
+    saves_atomically = True  # save_weights writes a temp file and renames it
     LORA_PREFIX_TEXT_ENCODER = LORA_PREFIX_TEXT_ENCODER
     LORA_PREFIX_TEXT_ENCODER1 = LORA_PREFIX_TEXT_ENCODER1
     LORA_PREFIX_TEXT_ENCODER2 = LORA_PREFIX_TEXT_ENCODER2

@@ -1,19 +1,24 @@
-"""`--network_args` for any `--network_module`, checked before any model loads.
+"""What the loop needs from any `--network_module` beyond KS's interface: checked network_args, weights loaded
+without silent skips, atomic saves.
 
 `validate(...)` splits KS's key=value strings and hands them to the module's own `validate_network_args`
-(networks.lora: networks/lora_options.py). LyCORIS's `lycoris.kohya` has none, so its checks live here in
-networks/lycoris_args.py. A third-party module without one gets its strings unchecked, as in KS, and
+(networks.lora: networks/lora_options.py). LyCORIS's `lycoris.kohya` is not ours, so its support module is
+networks/lycoris_support.py. A third-party module without one gets its strings unchecked, as in KS, and
 `--scale_weight_norms` is checked once its network exists (`check_network_supports_max_norm`).
 """
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Callable
 
-from library.errors import UserError
+import torch
 
-# modules we cannot add a function to: module name -> "module:function" of their validator
-_EXTERNAL_VALIDATORS = {"lycoris.kohya": "networks.lycoris_args:validate_network_args"}
+from library.errors import UserError
+from library.fileio import atomic_write
+
+# network modules that are not ours -> our support module for them (validate_network_args, load_weights)
+_SUPPORT_MODULES = {"lycoris.kohya": "networks.lycoris_support"}
 
 
 def split_network_args(items: list[str] | None) -> dict[str, str]:
@@ -32,10 +37,11 @@ def split_network_args(items: list[str] | None) -> dict[str, str]:
 
 def validator_for(network_module: str) -> Callable | None:
     """The network module's validate_network_args, ours for LyCORIS, or None (unknown third-party module)."""
-    if network_module in _EXTERNAL_VALIDATORS:
-        module_name, function = _EXTERNAL_VALIDATORS[network_module].split(":")
-        return getattr(importlib.import_module(module_name), function)
-    return getattr(importlib.import_module(network_module), "validate_network_args", None)
+    return getattr(_support(network_module), "validate_network_args", None)
+
+
+def _support(network_module: str):
+    return importlib.import_module(_SUPPORT_MODULES.get(network_module, network_module))
 
 
 def validate(network_module: str, items: list[str] | None, family: str, network_dim=None, network_alpha=None,
@@ -59,3 +65,20 @@ def check_network_supports_max_norm(network, network_module: str) -> None:
     if not hasattr(network, "apply_max_norm_regularization"):
         raise UserError(f"--scale_weight_norms: --network_module {network_module} has no "
                         "apply_max_norm_regularization; drop the flag or use networks.lora / lycoris.kohya")
+
+
+def load_network_weights(network, network_module: str, file: str, denoiser):
+    """--network_weights into an applied network: the support module's load_weights(network, file, denoiser)
+    when it has one (LyCORIS: no silently skipped modules), else the network's own load_weights (KS)."""
+    load = getattr(_support(network_module), "load_weights", None) if network_module in _SUPPORT_MODULES else None
+    return load(network, file, denoiser) if load is not None else network.load_weights(file)
+
+
+def save_network_weights(network, file: str, dtype: torch.dtype | None, metadata: dict) -> None:
+    """network.save_weights(file, dtype, metadata), atomically: networks.lora writes atomically itself; any
+    other module writes a temp file with the same extension (it picks the format from it), then os.replace."""
+    if getattr(network, "saves_atomically", False):
+        network.save_weights(file, dtype, metadata)
+        return
+    extension = os.path.splitext(file)[1]
+    atomic_write(file, lambda tmp: network.save_weights(tmp, dtype, dict(metadata)), suffix=".tmp" + extension)

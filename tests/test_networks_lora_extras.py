@@ -243,3 +243,37 @@ def test_dora_file_loads_in_diffusers_and_changes_the_image(tmp_path):
     torch.testing.assert_close(with_diffusers, sample(merged), atol=1e-4, rtol=0)
     assert any("dora_scale" in m for m in captured.messages)
     assert (ours - with_diffusers).abs().max() > 1e-4  # our DoRA output is not diffusers' (magnitude dropped)
+
+
+@pytest.mark.slow
+def test_trainer_scale_weight_norms_bounds_the_saved_file(tmp_path, monkeypatch):
+    """--scale_weight_norms 0.02 with a large lr: every module of the saved file has ‖scale·up·down‖ <= 0.02,
+    the loop logs KS's max_norm/keys_scaled each step, and without the flag the norms exceed the bound."""
+    from safetensors.torch import load_file
+
+    from library import training_loop
+    from tests.train_helpers import base_argv, make_images, run_inprocess, save_tiny_sd15
+
+    model = save_tiny_sd15(str(tmp_path / "sd15"))
+    make_images(str(tmp_path / "data" / "2_sks photo"), 2)
+    logged = []
+    real = training_loop._scale_weight_norms
+    monkeypatch.setattr(training_loop, "_scale_weight_norms", lambda run: logged.append(real(run)) or logged[-1])
+
+    def norms(path):
+        tensors = load_file(path)
+        out = []
+        for key in [k for k in tensors if k.endswith("lora_down.weight")]:
+            down, up = tensors[key].float(), tensors[key.replace("lora_down", "lora_up")].float()
+            alpha = float(tensors[key.replace("lora_down.weight", "alpha")])
+            out.append((up.flatten(1) @ down.flatten(1)).norm() * alpha / down.shape[0])
+        return torch.stack(out)
+
+    bounded = run_inprocess("sd1", base_argv(model, str(tmp_path / "data"), str(tmp_path / "a"), steps=3,
+                                             learning_rate=0.05, scale_weight_norms=0.02))
+    free = run_inprocess("sd1", base_argv(model, str(tmp_path / "data"), str(tmp_path / "b"), steps=3,
+                                          learning_rate=0.05))
+    print(f"max module norm: {norms(free).max():.4f} without, {norms(bounded).max():.4f} with the bound 0.02")
+    assert norms(bounded).max() <= 0.02 * (1 + 1e-4) < norms(free).max()
+    assert [bool(logs) for logs in logged] == [True] * 3 + [False] * 3 and logged[2]["max_norm/keys_scaled"] > 0
+    assert logged[2]["max_norm/max_key_norm"] == pytest.approx(0.02, rel=1e-4)

@@ -5,10 +5,11 @@ import inspect
 import re
 
 import pytest
+import torch
 
 from library.errors import UserError
 from networks import network_args as network_args_lib
-from networks.lycoris_args import LYCORIS_KEYS
+from networks.lycoris_support import LYCORIS_KEYS
 
 lycoris_kohya = pytest.importorskip("lycoris.kohya")
 
@@ -25,7 +26,7 @@ def test_known_keys_are_exactly_what_lycoris_reads():
     ["algo=lokr", "factor=8", "conv_dim=4", "conv_alpha=2", "preset=attn-mlp", "dora_wd=True"],
     ["algo=loha", "use_tucker=False", "dropout=0.1", "rank_dropout=0.05", "module_dropout=0.1"],
     ["algo=diag-oft", "constraint=0.1", "rescaled=True"],
-    ["algo=boft"], ["algo=ia3", "preset=ia3"], ["algo=full"], ["algo=locon", "dora_wd=True", "wd_on_output=False"],
+    ["algo=boft"], ["algo=full"], ["algo=locon", "dora_wd=True", "wd_on_output=False"],
 ])
 def test_lycoris_recipes_pass(items):
     assert network_args_lib.validate("lycoris.kohya", items, "sdxl", network_dim=8, network_alpha=4)
@@ -53,3 +54,103 @@ def test_lycoris_flag_mistakes():
         network_args_lib.validate("lycoris.kohya", ["algo=lokr"], "sd1", network_dropout=0.1)
     with pytest.raises(UserError, match="--network_dim"):
         network_args_lib.validate("lycoris.kohya", ["algo=lokr"], "sd1", network_dim=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# end to end: train, save, resume bit-exactly, reload with LyCORIS's own loader
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sd15(tmp_path_factory):
+    from tests.train_helpers import save_tiny_sd15
+    return save_tiny_sd15(str(tmp_path_factory.mktemp("models") / "sd15"))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from tests.train_helpers import make_images
+    root = tmp_path_factory.mktemp("data")
+    make_images(str(root / "2_sks photo"), 2)
+    return str(root)
+
+
+LYCORIS_RUNS = {
+    "lokr": ["algo=lokr", "factor=4", "conv_dim=4", "conv_alpha=2"],
+    "loha": ["algo=loha", "conv_dim=2", "conv_alpha=1"],
+    "dora": ["algo=locon", "dora_wd=True", "conv_dim=2", "conv_alpha=1"],
+}
+
+
+def unet_output(unet) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    cond = torch.randn(1, 7, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([500]), cond).sample
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", sorted(LYCORIS_RUNS))
+def test_lycoris_trains_saves_resumes_bit_exactly_and_reloads_in_lycoris(algo, sd15, dataset, tmp_path):
+    import json
+
+    from diffusers import UNet2DConditionModel
+    from lycoris import create_lycoris_from_weights
+    from lycoris.kohya import create_network as lycoris_create_network
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from networks.lycoris_support import load_weights
+    from tests.train_helpers import base_argv, run_inprocess
+
+    common = dict(network_module="lycoris.kohya", network_args=LYCORIS_RUNS[algo], network_train_unet_only=True,
+                  save_every_n_steps=2, save_state=True, train_batch_size=1, scale_weight_norms=5.0)
+    full = run_inprocess("sd1", base_argv(sd15, dataset, str(tmp_path / "full"), steps=4, **common))
+    state = str(tmp_path / "full" / "lora-00000002-state")
+    resumed = run_inprocess("sd1", base_argv(sd15, dataset, str(tmp_path / "resumed"), steps=4, resume=state,
+                                             **common))
+    a, b = load_file(full), load_file(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # resume is bit-exact
+    with safe_open(full, framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["ss_network_module"] == "lycoris.kohya" and metadata["sshs_model_hash"]
+    assert json.loads(metadata["ss_network_args"])["algo"] == LYCORIS_RUNS[algo][0].split("=")[1]
+    kinds = {k.split(".", 1)[1] for k in a}
+    expected = {"lokr": "lokr_w1", "loha": "hada_w1_a", "dora": "dora_scale"}[algo]
+    assert expected in kinds, kinds  # LyCORIS's own key names
+
+    # (a) LyCORIS's kohya network built like the trainer, our loader; (b) LyCORIS's create_lycoris_from_weights
+    unet = UNet2DConditionModel.from_pretrained(sd15, subfolder="unet")
+    base = unet_output(unet)
+    kwargs = dict(a.split("=", 1) for a in LYCORIS_RUNS[algo])
+    network = lycoris_create_network(1.0, 4, 2, None, None, unet, **kwargs)
+    network.apply_to(None, unet, apply_text_encoder=False, apply_unet=True)
+    load_weights(network, full, unet)
+    ours = unet_output(unet)
+    assert (ours - base).abs().max() > 1e-4  # the trained network changes the UNet
+
+    unet2 = UNet2DConditionModel.from_pretrained(sd15, subfolder="unet")
+    renamed = str(tmp_path / "lycoris-prefix.safetensors")  # its standalone loader names modules 'lycoris_<path>'
+    save_file({k.replace("lora_unet_", "lycoris_", 1): v for k, v in a.items()}, renamed)
+    lycoris_net, _ = create_lycoris_from_weights(1.0, renamed, unet2)
+    assert len(lycoris_net.loras) == len(network.unet_loras)
+    lycoris_net.apply_to()
+    torch.testing.assert_close(unet_output(unet2), ours, rtol=0, atol=1e-5)
+
+
+def test_lycoris_network_weights_with_unknown_modules_are_refused(tmp_path):
+    from lycoris.kohya import create_network as lycoris_create_network
+    from safetensors.torch import save_file
+
+    from library.tiny_models import build_sd15
+    from networks.lycoris_support import load_weights
+
+    unet = build_sd15(seed=0).unet
+    network = lycoris_create_network(1.0, 4, 2, None, None, unet, algo="lokr")
+    network.apply_to(None, unet, apply_text_encoder=False, apply_unet=True)
+    good = {k: v.clone() for k, v in network.state_dict().items()}
+    path = str(tmp_path / "ok.safetensors")
+    save_file(good, path)
+    assert load_weights(network, path, unet) == {}
+    save_file({**good, "lora_unet_nowhere.lokr_w1": torch.zeros(2, 2)}, path)
+    with pytest.raises(UserError, match="lora_unet_nowhere"):
+        load_weights(network, path, unet)

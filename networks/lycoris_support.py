@@ -1,9 +1,10 @@
-"""Checks of `--network_module lycoris.kohya` network_args, before any model loads.
+"""`--network_module lycoris.kohya` (LyCORIS's own kohya interface): its network_args checked before any model
+loads, and --network_weights loaded without silently skipping modules.
 
 LyCORIS (package lycoris-lora, pinned in requirements.txt) reads its keys with `kwargs.get` and ignores any other,
 and reads a boolean as True unless it is the string "False" (lycoris.utils.str_bool). So a typo or `dora_wd=0`
 would silently train something else. The keys and their types are those of lycoris/kohya.py `create_network`
-(4.1.3; tests/test_networks_lycoris.py checks this list against the installed source); which algorithm takes
+(3.4.0; tests/test_networks_lycoris.py checks this list against the installed source); which algorithm takes
 which option is LyCORIS's own table (lycoris.config_sdk.ALGO_REGISTRY).
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 
 from library.errors import UserError, closest
+from library.families import get_family
 
 
 def _number(minimum: float | None = None, integer: bool = False):
@@ -54,7 +56,6 @@ LYCORIS_KEYS = {
     "disable_conv_cp": _boolean, "use_scalar": _boolean, "train_norm": _boolean, "rescaled": _boolean,
     "dora_wd": _boolean, "wd_on_output": _boolean, "full_matrix": _boolean, "bypass_mode": _boolean,
     "rs_lora": _boolean, "unbalanced_factorization": _boolean, "train_t5xxl": _boolean,
-    "train_llm_adapter": _boolean,
     "loraplus_lr_ratio": _number(0), "loraplus_unet_lr_ratio": _number(0),
     "loraplus_text_encoder_lr_ratio": _number(0),
 }
@@ -82,6 +83,9 @@ def validate_network_args(network_args: dict, family: str, network_dim=None, net
         raise UserError(f"--network_alpha: {network_alpha!r} must be >= 0")
     if network_dropout is not None:
         raise UserError("--network_dropout is not read by lycoris.kohya; use --network_args dropout=P")
+    if get_family(family).lora_file_format != "kohya":
+        raise UserError(f"--network_module lycoris.kohya: {family} LoRA files use diffusers keys, which LyCORIS "
+                        "does not write; use networks.lora for this family")
     parsed = {}
     for key, raw in network_args.items():
         if key in _KS_LORA_ONLY:
@@ -115,3 +119,62 @@ def validate_network_args(network_args: dict, family: str, network_dim=None, net
                 raise UserError(f"--network_args: {key} does nothing with algo={algo}; it is an option of "
                                 f"{', '.join(users)}")
     return parsed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# files
+# ---------------------------------------------------------------------------------------------------------
+# diffusers paths of the SDXL modules LyCORIS's "full" preset targets by name, and their SAI (KS) paths
+_SAI_NAMED_MODULES = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
+                      "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+                      "add_embedding.linear_2": "label_emb.0.2"}
+
+
+def sai_to_diffusers_names(denoiser) -> dict[str, str]:
+    """'lora_unet_<SAI path>' -> 'lora_unet_<diffusers path>' for every module of an SDXL-layout UNet. KS trains
+    SDXL on its SAI-layout UNet, so a KS-trained LyCORIS SDXL file names modules by SAI paths; LyCORIS on the
+    diffusers UNet names them by diffusers paths (what this trainer writes)."""
+    from networks.lora_keys import sdxl_sai_path, unwrap
+
+    unet = unwrap(denoiser)
+    mapping = {}
+    for path, _ in unet.named_modules():
+        try:
+            sai = sdxl_sai_path(path, unet.config)
+        except (ValueError, IndexError, KeyError, TypeError):
+            sai = _SAI_NAMED_MODULES.get(path)
+        if sai:
+            mapping["lora_unet_" + sai.replace(".", "_")] = "lora_unet_" + path.replace(".", "_")
+    return mapping
+
+
+def load_weights(network, file: str, denoiser) -> dict:
+    """--network_weights for a LyCORIS network: LyCORIS's own load (load_state_dict, strict=False), except that a
+    key naming no module of this network is an error (LyCORIS would skip it silently and train from scratch), and
+    SAI-named SDXL modules (KS-trained files) are renamed to this network's names first."""
+    from networks.lora import read_lora_file
+
+    weights, _ = read_lora_file(file)
+    own = set(network.state_dict())
+    module_of = {key.split(".", 1)[0] for key in own}
+    if any(key.split(".", 1)[0] not in module_of for key in weights):
+        renamed = sai_to_diffusers_names(denoiser) if hasattr(denoiser, "config") else {}
+        weights = {_rename(key, renamed): value for key, value in weights.items()}
+    unknown = [key for key in weights if key not in own]
+    if unknown:
+        raise UserError(f"--network_weights: {len(unknown)} tensors of {file} name no module of this LyCORIS "
+                        f"network (e.g. '{unknown[0]}'); use the same algo/preset/dims as the file "
+                        "(or --dim_from_weights), and a file for this model family")
+    if not weights:
+        raise UserError(f"--network_weights: {file} holds no tensors")
+    try:
+        info = network.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # shape mismatch
+        raise UserError(f"--network_weights: {file} does not fit this LyCORIS network ({str(e).splitlines()[-1]}); "
+                        "use the file's algo/dims/factor, or --dim_from_weights") from None
+    return {"missing keys": info.missing_keys} if info.missing_keys else {}
+
+
+def _rename(key: str, renamed: dict[str, str]) -> str:
+    module, _, rest = key.partition(".")
+    return f"{renamed.get(module, module)}.{rest}" if rest else key
