@@ -154,3 +154,30 @@ def test_lycoris_network_weights_with_unknown_modules_are_refused(tmp_path):
     save_file({**good, "lora_unet_nowhere.lokr_w1": torch.zeros(2, 2)}, path)
     with pytest.raises(UserError, match="lora_unet_nowhere"):
         load_weights(network, path, unet)
+
+
+def test_ks_trained_sdxl_lycoris_file_with_sai_names_loads(tmp_path):
+    """KS trains SDXL on its SAI-layout UNet, so its LyCORIS files say input_blocks_4_1_...; ours say
+    down_blocks_1_attentions_0_...: such a file loads into every module, with the same tensors."""
+    from lycoris.kohya import create_network as lycoris_create_network
+    from safetensors.torch import save_file
+
+    from library.tiny_models import build_sdxl
+    from networks.lycoris_support import load_weights, sai_to_diffusers_names
+
+    unet = build_sdxl(seed=0).unet
+    network = lycoris_create_network(1.0, 4, 2, None, None, unet, algo="loha", conv_dim="2")
+    network.apply_to(None, unet, apply_text_encoder=False, apply_unet=True)
+    g = torch.Generator().manual_seed(0)
+    wanted = {k: torch.randn(v.shape, generator=g) for k, v in network.state_dict().items()}
+    to_sai = {ours: sai for sai, ours in sai_to_diffusers_names(unet).items()}
+    sai_file = {}
+    for key, value in wanted.items():
+        module, rest = key.split(".", 1)
+        sai_file[f"{to_sai[module]}.{rest}"] = value
+    assert any("input_blocks_" in k for k in sai_file) and not any("down_blocks" in k for k in sai_file)
+    path = str(tmp_path / "ks_sdxl.safetensors")
+    save_file(sai_file, path)
+    assert load_weights(network, path, unet) == {}
+    loaded = network.state_dict()
+    assert all(torch.equal(loaded[k], wanted[k]) for k in wanted)
