@@ -203,7 +203,8 @@ class DatasetGroup:
         return np.ascontiguousarray(pixels)
 
     def _latents(self, item: ImageItem, flipped: bool) -> torch.Tensor:
-        """The cached latent of the image, or of its mirror image when `flipped` (KS: both are cached)."""
+        """The cached latent of the image, or of its mirror image when `flipped` (KS: both are cached). Anything
+        cached with a latent in image layout (a loss mask) must be mirrored too when `flipped`."""
         if item.latents is not None:
             return item.latents_flipped if flipped else item.latents
         identity = None if self.skip_cache_check else self._latent_identity(item, item.latents_key)
