@@ -23,9 +23,11 @@ import torch
 from torch import Tensor
 
 from library import families, rng
+from library.learned_weighting import LearnedWeighting, learned_objective
 from library.loss_config import PREDICTION_TYPES, LossConfig
-from library.losses import (THRESHOLD_LOSS_TYPES, clustered_mse, combined_loss, elementwise_loss, ew_loss,
-                            huber_threshold, map_importance, per_sample_mean)
+from library.losses import (THRESHOLD_LOSS_TYPES, clustered_mse, clustered_mse_kmeans, combined_loss,
+                            elementwise_loss, ew_blend, ew_loss, huber_threshold, kmeans_cluster_counts, map_position,
+                            mask_like, per_sample_mean)
 from library.objective import (ddpm_noisy, flow_noisy, flow_velocity_target, input_perturbation, multires_noise,
                                offset_noise, prediction_to_loss_space, v_target)
 from library.schedules import (DDPMSchedule, FlowSchedule, TimestepRange, rescale_zero_terminal_snr,
@@ -90,6 +92,9 @@ class LossEngine:
             self.schedule = FlowSchedule(cfg.timestep_shift if cfg.timestep_shift != 1.0 else flow_shift)
         self.num_bins = self.schedule.num_train_timesteps
         self.bin_edges_u = self.schedule.bin_edges_u(self.range)
+        # The bins training can reach (--min_timestep/--max_timestep, flow's σ ≥ 1/T): loss-map statistics are
+        # taken over these only, since the others are never updated and stay at their initial 1.0.
+        self.trained_bins = self.bin_edges_u[1:] > self.bin_edges_u[:-1]
         self.sampler_params = cfg.sampler_params()
         self.weight_options = cfg.weight_options()
         # Built once unless the sampler changes with the step or the image size.
@@ -102,6 +107,10 @@ class LossEngine:
             if LossMap is None:
                 raise RuntimeError("this configuration needs library/loss_map.py (LossMap), which is missing")
             self.loss_map = LossMap(self.num_bins, cfg.loss_map_update_rate)
+            if cfg.loss_map_init:
+                self.loss_map.load_any(cfg.loss_map_init, "--loss_map_init")
+        # --loss_weighting learned: u(σ) and its optimizer (the loop moves it to the device and steps it)
+        self.learned = LearnedWeighting(cfg.loss_weighting_lr) if cfg.loss_weighting == "learned" else None
         if cfg.timestep_sampling == "loss_map":
             self.base_bin_probs = bin_probabilities(self._fixed_sampler, self.bin_edges_u)
 
@@ -247,7 +256,7 @@ class LossEngine:
         fraction = levels.sigma if levels.sigma is not None else levels.timesteps.to(levels.snr) / self.num_bins
         values = map_values if map_values is not None else self.loss_map.values if self.loss_map is not None else None
         return timestep_weights(self.weight_options, levels.snr, levels.sigma, fraction, levels.bins, step,
-                                self.max_train_steps, values)
+                                self.max_train_steps, values, self.trained_bins)
 
     def _signal_fraction(self, levels: NoiseLevels) -> Tensor:
         """ᾱ = SNR/(1 + SNR) (DDPM: read from the table)."""
@@ -255,17 +264,22 @@ class LossEngine:
             return self.schedule.alpha_bar(levels.timesteps).float()
         return levels.snr / (1 + levels.snr)
 
-    def elementwise(self, pred: Tensor, target: Tensor, levels: NoiseLevels, mask: Tensor | None = None) -> Tensor:
-        """The elementwise loss of --loss_type (fp32, prediction already in the target's space)."""
+    def elementwise(self, pred: Tensor, target: Tensor, levels: NoiseLevels, mask: Tensor | None = None,
+                    step: int = 0) -> Tensor:
+        """The elementwise loss of --loss_type (fp32, prediction already in the target's space); ``mask`` at the
+        loss's size (``mask_like``); ``step`` drives the ew schedule."""
         cfg = self.cfg
         if cfg.loss_type in THRESHOLD_LOSS_TYPES:
             return elementwise_loss(pred, target, cfg.loss_type, self.huber_threshold(levels))
         if cfg.loss_type == "combined":
             return combined_loss(pred, target, cfg.loss_weights, cfg.cosine_dim, mask)
         if cfg.loss_type == "ew":
-            importance = map_importance(self.loss_map.values, levels.bins)
-            return ew_loss(pred, target, self._signal_fraction(levels), importance, cfg.ew_boundary_shift)
+            blend = ew_blend(self.loss_map.values, levels.bins, step, self.max_train_steps, self.trained_bins)
+            return ew_loss(pred, target, self._signal_fraction(levels), blend, cfg.ew_boundary_shift)
         if cfg.loss_type == "clustered_mse":
+            if cfg.clustered_mse_mode == "kmeans":
+                position = map_position(self.loss_map.values, levels.bins, self.trained_bins)
+                return clustered_mse_kmeans(pred, target, kmeans_cluster_counts(position))
             return clustered_mse(pred, target)
         return elementwise_loss(pred, target, cfg.loss_type)
 
@@ -274,16 +288,25 @@ class LossEngine:
         """Elementwise loss (fp32) -> mask -> per-sample mean -> weights -> plain batch mean (spec §0).
 
         Weights multiply the per-sample loss (never the residual) in the spec's order: ``sample_weights`` (the
-        dataset weight, prior_loss_weight) · importance weight (--loss_map_unbiased) · §4 timestep weights.
-        ``noisy`` is needed for "flow_x0" (x̂0 = x_σ − σ·F)."""
+        dataset weight, prior_loss_weight) · importance weight (--loss_map_unbiased) · §4 timestep weights; then
+        --loss_weighting learned makes each sample L/exp(u(σ)) + u(σ). ``mask`` [B, 1, h, w] in [0, 1] (any
+        size: area-resized to the loss's) multiplies the elementwise loss; --masked_loss_normalization area
+        divides by the mask's area. ``noisy`` is needed for "flow_x0" (x̂0 = x_σ − σ·F)."""
         pred = prediction_to_loss_space(model_pred.float(), noisy, levels, self.prediction_type)
-        raw = per_sample_mean(self.elementwise(pred, target.float(), levels, mask), mask)
+        if mask is not None:
+            mask = mask_like(mask, pred)
+        elementwise = self.elementwise(pred, target.float(), levels, mask, step)
+        raw = per_sample_mean(elementwise, mask, renormalize=self.cfg.masked_loss_normalization == "area")
         weights = levels.sample_weight.to(raw)
         if sample_weights is not None:
             weights = sample_weights.to(raw) * weights
         weights = weights * self.timestep_weights(levels, step).to(raw)
         weighted = raw * weights
-        return LossResult(loss=weighted.mean(), raw=raw, weighted=weighted)
+        if self.learned is None:
+            return LossResult(loss=weighted.mean(), raw=raw, weighted=weighted)
+        u = self.learned(levels.snr.to(raw.device)).to(raw)
+        objective = learned_objective(weighted, u)
+        return LossResult(loss=objective.mean(), raw=raw, weighted=(weighted * torch.exp(-u)).detach())
 
     # ------------------------------------------------------------------------------------------ loss map, state
     def record(self, result: LossResult, levels: NoiseLevels, gather: Callable[[Tensor], Tensor] | None = None) -> None:
@@ -295,13 +318,21 @@ class LossEngine:
         gathered_update(self.loss_map, levels.bins, losses.detach().float(), gather)
 
     def state_dict(self) -> dict:
-        """The engine's only state is the loss map: the random streams are counter-based (nothing to save)."""
-        return {"loss_map": self.loss_map.state_dict()} if self.loss_map is not None else {}
+        """The loss map and the learned weighting (u and its Adam): the random streams are counter-based."""
+        sd = {}
+        if self.loss_map is not None:
+            sd["loss_map"] = self.loss_map.state_dict()
+        if self.learned is not None:
+            sd["learned_weighting"] = self.learned.state_dict()
+        return sd
 
     def load_state_dict(self, sd: dict) -> None:
-        """Restore the loss map. A state without one (saved by a run without a map) leaves the map flat."""
+        """Restore the loss map and the learned weighting. A state without them (saved by a run without them)
+        leaves the map flat and u at its start."""
         if self.loss_map is not None and sd.get("loss_map") is not None:
             self.loss_map.load_state_dict(sd["loss_map"])
+        if self.learned is not None and sd.get("learned_weighting") is not None:
+            self.learned.load_state_dict(sd["learned_weighting"])
 
     def metadata(self) -> dict[str, str]:
         """``cfg.metadata()`` with the σ shift actually in use (flow)."""

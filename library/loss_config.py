@@ -15,11 +15,11 @@ from typing import Any
 
 from library import families
 from library.errors import UserError, closest
-from library.losses import (COMBINED_TERMS, COSINE_DIMS, DEFAULT_COMBINED_WEIGHTS, HUBER_SCHEDULES, LOSS_TYPES,
-                            THRESHOLD_LOSS_TYPES)
+from library.losses import (CLUSTERED_MSE_MODES, COMBINED_TERMS, COSINE_DIMS, DEFAULT_COMBINED_WEIGHTS,
+                            HUBER_SCHEDULES, LOSS_TYPES, MASK_NORMALIZATIONS, THRESHOLD_LOSS_TYPES)
 from library.schedules import NUM_TRAIN_TIMESTEPS
 from library.timesteps import MODE_SCALE_RANGE, SAMPLER_NAMES, SamplerParams
-from library.weighting import WeightOptions
+from library.weighting import SNR_WEIGHTINGS, WeightOptions
 
 PREDICTION_TYPES = {"ddpm": ("epsilon", "v_prediction"), "flow": ("flow", "flow_x0")}
 TIMESTEP_SAMPLINGS = SAMPLER_NAMES + ("loss_map",)
@@ -30,6 +30,7 @@ SCHEME_WEIGHTS = ("sigma_sqrt", "cosmap")
 LOSS_MAP_RECORDS = ("raw", "weighted")
 CLUSTER_LR_SCHEDULES = ("global", "per_cluster")
 EXPERIMENTAL_LOSS_TYPES = ("ew", "clustered_mse")
+LOSS_WEIGHTINGS = ("none", "learned")
 
 
 def parse_loss_weights(text: str | dict | None) -> dict[str, float]:
@@ -87,8 +88,15 @@ class LossConfig:
     loss_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_COMBINED_WEIGHTS))
     cosine_dim: str = "spatial"
     ew_boundary_shift: float = 0.0
+    clustered_mse_mode: str = "quantile"
+    masked_loss: bool = False
+    masked_loss_normalization: str = "area"
     # weights (§4)
     min_snr_gamma: float | None = None
+    snr_weighting: str | None = None
+    max_snr_gamma: float = 1.0
+    loss_weighting: str = "none"
+    loss_weighting_lr: float = 0.01
     debiased_estimation_loss: bool = False
     scale_v_pred_loss_like_noise_pred: bool = False
     v_pred_like_loss: float | None = None
@@ -118,6 +126,7 @@ class LossConfig:
     loss_map_unbiased: bool = False
     loss_map_update_rate: float = 0.5
     loss_map_record: str = "raw"
+    loss_map_init: str | None = None
     timestep_clusters: int = 0
     cluster_lr_schedule: str = "global"
     # noise extras (KS)
@@ -142,7 +151,8 @@ class LossConfig:
 
     @property
     def needs_loss_map(self) -> bool:
-        return self.timestep_sampling == "loss_map" or self.loss_map_offset or self.loss_type == "ew"
+        return (self.timestep_sampling == "loss_map" or self.loss_map_offset or self.loss_type == "ew"
+                or (self.loss_type == "clustered_mse" and self.clustered_mse_mode == "kmeans"))
 
     def sampler_params(self) -> SamplerParams:
         """The sampler flags as the samplers' own parameter object (same names)."""
@@ -151,7 +161,8 @@ class LossConfig:
     def weight_options(self) -> WeightOptions:
         return WeightOptions(
             prediction_type=self.prediction_type, weighting_scheme=self.weighting_scheme,
-            min_snr_gamma=self.min_snr_gamma, scale_v_pred_loss_like_noise_pred=self.scale_v_pred_loss_like_noise_pred,
+            min_snr_gamma=self.min_snr_gamma, snr_weighting=self.snr_weighting, max_snr_gamma=self.max_snr_gamma,
+            scale_v_pred_loss_like_noise_pred=self.scale_v_pred_loss_like_noise_pred,
             v_pred_like_loss=self.v_pred_like_loss, debiased_estimation_loss=self.debiased_estimation_loss,
             loss_curve_offset=self.loss_curve_offset, loss_curve_offset_schedule=self.loss_curve_offset_schedule,
             loss_map_offset=self.loss_map_offset)
@@ -194,6 +205,24 @@ class LossConfig:
         _choice("cosine_dim", self.cosine_dim, COSINE_DIMS)
         _choice("loss_map_record", self.loss_map_record, LOSS_MAP_RECORDS)
         _choice("cluster_lr_schedule", self.cluster_lr_schedule, CLUSTER_LR_SCHEDULES)
+        _choice("clustered_mse_mode", self.clustered_mse_mode, CLUSTERED_MSE_MODES)
+        _choice("masked_loss_normalization", self.masked_loss_normalization, MASK_NORMALIZATIONS)
+        _choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
+        if self.snr_weighting is not None:
+            _choice("snr_weighting", self.snr_weighting, SNR_WEIGHTINGS)
+            if self.min_snr_gamma:
+                raise UserError(f"--snr_weighting {self.snr_weighting} and --min_snr_gamma: both set the SNR weight "
+                                "(x0-space); keep one")
+        _positive("max_snr_gamma", self.max_snr_gamma)
+        _positive("loss_weighting_lr", self.loss_weighting_lr)
+        if self.loss_map_init is not None:
+            import os
+            if not os.path.isfile(self.loss_map_init):
+                raise UserError(f"--loss_map_init: {self.loss_map_init} does not exist; give a loss_map.safetensors "
+                                "or loss_map.csv written by an earlier run")
+            if not self.needs_loss_map:
+                raise UserError("--loss_map_init: has no effect without a loss map (--timestep_sampling loss_map, "
+                                "--loss_map_offset, --loss_type ew or --clustered_mse_mode kmeans); remove it")
         _positive("huber_c", self.huber_c)
         _positive("huber_scale", self.huber_scale)
         _positive("logit_std", self.logit_std)
@@ -294,6 +323,9 @@ class LossConfig:
             "ss_huber_c": self.huber_c,
             "ss_huber_scale": self.huber_scale,
             "ss_min_snr_gamma": self.min_snr_gamma,
+            "ss_snr_weighting": self.snr_weighting,
+            "ss_loss_weighting": self.loss_weighting,
+            "ss_masked_loss": self.masked_loss,
             "ss_debiased_estimation": self.debiased_estimation_loss,
             "ss_scale_v_pred_loss_like_noise_pred": self.scale_v_pred_loss_like_noise_pred,
             "ss_v_pred_like_loss": self.v_pred_like_loss,
@@ -332,6 +364,14 @@ class LossConfig:
             md.update({"ss_loss_weights": format_loss_weights(self.loss_weights), "ss_cosine_dim": self.cosine_dim})
         if self.loss_type == "ew":
             md["ss_ew_boundary_shift"] = self.ew_boundary_shift
+        if self.loss_type == "clustered_mse":
+            md["ss_clustered_mse_mode"] = self.clustered_mse_mode
+        if self.snr_weighting == "max_snr":
+            md["ss_max_snr_gamma"] = self.max_snr_gamma
+        if self.loss_weighting == "learned":
+            md["ss_loss_weighting_lr"] = self.loss_weighting_lr
+        if self.masked_loss:
+            md["ss_masked_loss_normalization"] = self.masked_loss_normalization
         if self.timestep_clusters:
             md["ss_cluster_lr_schedule"] = self.cluster_lr_schedule
         return {k: str(v) for k, v in md.items()}  # KS writes str(None) = "None" for unset options
@@ -408,12 +448,19 @@ def _check_unused(given: dict, cfg: LossConfig) -> None:
             reject(name, f"with --loss_type {loss_type} (only combined uses it)")
     if loss_type != "ew":
         reject("ew_boundary_shift", f"with --loss_type {loss_type} (only ew uses it)")
+    if loss_type != "clustered_mse":
+        reject("clustered_mse_mode", f"with --loss_type {loss_type} (only clustered_mse uses it)")
+    if cfg.snr_weighting != "max_snr":
+        reject("max_snr_gamma", "without --snr_weighting max_snr")
+    if cfg.loss_weighting != "learned":
+        reject("loss_weighting_lr", "without --loss_weighting learned")
     if sampling != "loss_map":
         for name in ("loss_map_mix", "loss_map_unbiased"):
             reject(name, "without --timestep_sampling loss_map")
     if not cfg.needs_loss_map:
         for name in ("loss_map_update_rate", "loss_map_record"):
-            reject(name, "without a loss map (--timestep_sampling loss_map, --loss_map_offset or --loss_type ew)")
+            reject(name, "without a loss map (--timestep_sampling loss_map, --loss_map_offset, --loss_type ew or "
+                         "--clustered_mse_mode kmeans)")
     if not cfg.timestep_clusters:
         reject("cluster_lr_schedule", "without --timestep_clusters K")
     if not cfg.noise_offset:
@@ -456,6 +503,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "channels (channel), or per sample (flat)")
     g.add_argument("--ew_boundary_shift", type=float, default=d["ew_boundary_shift"],
                    help="(experimental) ew loss: shift of the boundary mean(|d|) (default 0)")
+    g.add_argument("--clustered_mse_mode", type=str, default=d["clustered_mse_mode"], choices=CLUSTERED_MSE_MODES,
+                   help="(experimental) clustered_mse: 8 quantile bins per sample (quantile, default), or 1-D k-means "
+                        "with 4-100 clusters driven by the loss map (kmeans, the source's mode)")
+    g.add_argument("--masked_loss", action="store_true",
+                   help="multiply the loss by a mask: the image of the same name in the subset's "
+                        "conditioning_data_dir (its red channel), or the alpha channel with --alpha_mask (KS)")
+    g.add_argument("--masked_loss_normalization", type=str, default=d["masked_loss_normalization"],
+                   choices=MASK_NORMALIZATIONS,
+                   help="masked loss: divide by the mask area, the mean over the masked pixels (area, default), or "
+                        "by all pixels as KS does (none)")
+    g.add_argument("--snr_weighting", type=str, default=None, choices=SNR_WEIGHTINGS,
+                   help="SNR weight in x0-space: snr (w = SNR, plain ε-MSE) or max_snr (w = max(SNR, γ))")
+    g.add_argument("--max_snr_gamma", type=float, default=d["max_snr_gamma"],
+                   help="--snr_weighting max_snr: γ (default 1, Salimans & Ho's truncated SNR)")
+    g.add_argument("--loss_weighting", type=str, default=d["loss_weighting"], choices=LOSS_WEIGHTINGS,
+                   help="learned: a per-noise-level log-variance u(σ) trained with the LoRA, loss = L/exp(u) + u "
+                        "(EDM2, Karras et al. 2024) (default none)")
+    g.add_argument("--loss_weighting_lr", type=float, default=d["loss_weighting_lr"],
+                   help="--loss_weighting learned: Adam learning rate of u(σ) (default 0.01)")
     g.add_argument("--min_snr_gamma", "--snr_gamma", dest="min_snr_gamma", type=float, default=None,
                    help="Min-SNR weighting γ (5 is typical; --snr_gamma is an alias)")
     g.add_argument("--debiased_estimation_loss", action="store_true", help="debiased estimation weighting")
@@ -501,6 +567,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="loss map update rate r (default 0.5)")
     g.add_argument("--loss_map_record", type=str, default=d["loss_map_record"], choices=LOSS_MAP_RECORDS,
                    help="record the loss before (raw, default) or after (weighted) timestep weights")
+    g.add_argument("--loss_map_init", type=str, default=None,
+                   help="start the loss map from a file of an earlier run (loss_map.safetensors or loss_map.csv)")
     g.add_argument("--timestep_clusters", type=int, default=d["timestep_clusters"],
                    help="K timestep clusters with one optimizer state each (0 = off; 10 recommended)")
     g.add_argument("--cluster_lr_schedule", type=str, default=d["cluster_lr_schedule"], choices=CLUSTER_LR_SCHEDULES,

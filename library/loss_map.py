@@ -103,15 +103,21 @@ class LossMap:
     def sampling_probs(self, base_density: Tensor, mix: float, compress_p: float = 0.05) -> Tensor:
         """P = (1 − λ)·P_map + λ·P_base over bins (spec §5), fp64 CPU [num_bins], sums to 1.
 
-        P_map ∝ compress(M, p), restricted to the bins the base sampler can reach (P_base > 0), so
-        ``--min_timestep`` / ``--max_timestep`` still bound what the map proposes. P_base is ``base_density``
+        P_map ∝ compress(M, p) over the bins the base sampler can reach (P_base > 0; mean, max and min taken
+        there too), so ``--min_timestep`` / ``--max_timestep`` bound what the map proposes and the bins outside
+        never distort it. P_base is ``base_density``
         normalised (any non-negative density over the same bins)."""
         if not 0.0 <= mix <= 1.0:
             raise UserError(f"--loss_map_mix: {mix} is outside [0, 1]; 0.1 is the default")
         if base_density.shape != self.values.shape:
             raise ValueError(f"base_density has shape {tuple(base_density.shape)}, the map {tuple(self.values.shape)}")
         p_base = normalise(base_density)
-        attention = compress(self.values, compress_p).clamp_min(0) * (p_base > 0)
+        # Compressed over the reachable bins only: the others never update and stay at 1.0, and counting them
+        # would move the mean, max and min the compression pulls towards.
+        support = p_base > 0
+        attention = torch.zeros_like(p_base)
+        if bool(support.any()):
+            attention[support] = compress(self.values[support], compress_p).clamp_min(0)
         total = attention.sum()
         # A map with no mass on the base support (all-zero losses there) cannot propose anything: fall back.
         p_map = attention / total if total > 0 else p_base
@@ -148,6 +154,8 @@ class LossMap:
     def _load_values(self, values: Tensor, where: str) -> None:
         if values.shape != self.values.shape:
             raise UserError(f"{where}: the loss map has shape {tuple(values.shape)}, expected ({self.num_bins},)")
+        if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+            raise UserError(f"{where}: the loss map holds negative or non-finite values; it is not a loss map")
         self.values.copy_(values)  # in place: numpy views of values stay valid
 
     def save_file(self, path: str) -> None:
@@ -163,6 +171,36 @@ class LossMap:
         if STATE_KEY not in tensors:
             raise UserError(f"{path}: no tensor named '{STATE_KEY}' (found {sorted(tensors)}); is it a loss-map file?")
         self._load_values(tensors[STATE_KEY].float(), path)
+
+    def load_csv(self, path: str) -> None:
+        """Read a ``bin,loss`` CSV (``to_csv``): one row per bin, bins 0..T−1 in any order."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = [line.strip() for line in f if line.strip()]
+        except OSError as e:
+            raise UserError(f"{path}: cannot read it ({e.strerror})") from None
+        if not lines or lines[0].replace(" ", "") != "bin,loss":
+            raise UserError(f"{path}: not a loss-map CSV (expected the header 'bin,loss')")
+        values = torch.full((self.num_bins,), float("nan"))
+        for number, line in enumerate(lines[1:], start=2):
+            try:
+                b, v = line.split(",")
+                values[int(b)] = float(v)
+            except (ValueError, IndexError):
+                raise UserError(f"{path} line {number}: '{line}' is not 'bin,loss' with a bin in "
+                                f"[0, {self.num_bins})") from None
+        if bool(torch.isnan(values).any()):
+            raise UserError(f"{path}: {int(torch.isnan(values).sum())} of the {self.num_bins} bins have no row")
+        self._load_values(values, path)
+
+    def load_any(self, path: str, flag: str = "--loss_map_init") -> None:
+        """A loss map from a ``.safetensors`` (tensor ``loss_map``) or a ``.csv`` (``bin,loss``) file."""
+        try:
+            self.load_csv(path) if path.lower().endswith(".csv") else self.load_file(path)
+        except UserError as e:
+            raise UserError(f"{flag}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - an unreadable file is the user's to fix
+            raise UserError(f"{flag}: cannot read {path} as a loss map ({e})") from None
 
     def to_csv(self, path: str) -> None:
         """Two columns, ``bin,loss``, one row per bin."""

@@ -19,7 +19,11 @@ COMBINED_TERMS = ("mse", "l1", "cosine")
 DEFAULT_COMBINED_WEIGHTS = {"mse": 0.4, "l1": 0.4, "cosine": 0.2}
 CLUSTERED_MSE_CLUSTERS = 8  # value clusters per sample for clustered_mse (quantile bins of d²)
 CLUSTERED_MSE_EDGE_SAMPLES = 4096  # values per sample the quantile edges are estimated from
-EW_BLEND_FLAT_MAP = 0.0     # ew importance on a flat map: no bin is harder than another, so plain MSE
+EW_BLEND_FLAT_MAP = 0.0     # map position on a flat map: no bin is harder than another (ew: plain MSE)
+CLUSTERED_MSE_MODES = ("quantile", "kmeans")
+MASK_NORMALIZATIONS = ("area", "none")  # masked loss: Σ ℓ·m / Σ m (spec §0), or KS's mean(ℓ·m)
+KMEANS_CLUSTER_RANGE = (4, 100)  # clusters per sample of --clustered_mse_mode kmeans, easiest .. hardest map bin
+KMEANS_ITERATIONS = 8            # Lloyd iterations (1-D k-means from quantile starts settles in a few)
 
 
 def per_sample_view(x: Tensor | float, like: Tensor) -> Tensor:
@@ -32,20 +36,21 @@ def per_sample_view(x: Tensor | float, like: Tensor) -> Tensor:
 # §1 elementwise losses
 # ------------------------------------------------------------------------------------------------------------
 def pseudo_huber(d: Tensor, c: Tensor | float) -> Tensor:
-    """huber = 2c·(√(d² + c²) − c), computed as 2c·d²/(√(d² + c²) + c) (same value; the naive difference
-    cancels to 0 in fp32 when |d| ≪ c). ≈ d² near 0, ≈ 2c·|d| far out. KS/DF pseudo-Huber (Charbonnier).
-    Oracles: c = 0.1, d = 1 → 0.1809975124; c = 1, d = 1 → 0.8284271247."""
+    """huber = 2c·(√(d² + c²) − c), computed as 2c·|d|·|d|/(hypot(d, c) + c) (same value; the naive difference
+    cancels to 0 in fp32 when |d| ≪ c, and hypot never squares |d|, so nothing overflows). ≈ d² near 0,
+    ≈ 2c·|d| far out. KS/DF pseudo-Huber (Charbonnier). Oracles: c = 0.1, d = 1 → 0.1809975124;
+    c = 1, d = 1 → 0.8284271247."""
     c = per_sample_view(c, d)
-    d2 = d * d
-    return 2 * c * d2 / (torch.sqrt(d2 + c * c) + c)
+    a = d.abs()
+    return 2 * c * a * (a / (torch.hypot(d, c) + c))
 
 
 def smooth_l1(d: Tensor, c: Tensor | float) -> Tensor:
-    """smooth_l1 = 2·(√(d² + c²) − c), computed as 2·d²/(√(d² + c²) + c). KS naming (≈ d²/c near 0, ≈ 2|d|
-    far out); NOT torch's SmoothL1Loss. Oracle: c = 0.1, d = 1 → 1.809975124."""
+    """smooth_l1 = 2·(√(d² + c²) − c), computed as 2·|d|·|d|/(hypot(d, c) + c). KS naming (≈ d²/c near 0,
+    ≈ 2|d| far out); NOT torch's SmoothL1Loss. Oracle: c = 0.1, d = 1 → 1.809975124."""
     c = per_sample_view(c, d)
-    d2 = d * d
-    return 2 * d2 / (torch.sqrt(d2 + c * c) + c)
+    a = d.abs()
+    return 2 * a * (a / (torch.hypot(d, c) + c))
 
 
 def elementwise_loss(pred: Tensor, target: Tensor, loss_type: str, huber_c: Tensor | float | None = None) -> Tensor:
@@ -141,24 +146,47 @@ def combined_loss(pred: Tensor, target: Tensor, weights: dict[str, float], cosin
 # ------------------------------------------------------------------------------------------------------------
 # §5.4 experimental losses
 # ------------------------------------------------------------------------------------------------------------
-def map_importance(map_values: Tensor, bins: Tensor) -> Tensor:
-    """Normalised importance ι_b = (M[b] − min M)/(max M − min M) ∈ [0, 1] of each sample's bin.
-
-    A flat map (max = min, e.g. at the start) carries no information: ι = 0 there instead of the original's
-    division by zero."""
+def map_position(map_values: Tensor, bins: Tensor, trained_bins: Tensor | None = None) -> Tensor:
+    """(M[b] − min M)/(max M − min M) ∈ [0, 1] of each sample's bin, min and max over the trained bins
+    (``trained_bins``, a bool mask [T]; None: all). Bins outside --min_timestep/--max_timestep stay at 1.0 forever
+    and would otherwise set the scale. A flat map carries no information: 0 (the original divided by zero)."""
     values = map_values.detach().float()
-    low, spread = float(values.min()), float(values.max() - values.min())
-    if spread <= 1e-12:
+    if _is_flat(values, trained_bins):
         return torch.full(bins.shape, EW_BLEND_FLAT_MAP, dtype=torch.float32, device=bins.device)
-    return (values.to(bins.device)[bins.long()] - low) / spread
+    trained = values[trained_bins] if trained_bins is not None else values
+    low, spread = float(trained.min()), float(trained.max() - trained.min())
+    return ((values.to(bins.device)[bins.long()] - low) / spread).clamp(0.0, 1.0)
 
 
-def ew_loss(pred: Tensor, target: Tensor, alpha_bar: Tensor, importance: Tensor, boundary_shift: float = 0.0) -> Tensor:
+def _is_flat(map_values: Tensor, trained_bins: Tensor | None) -> bool:
+    trained = map_values[trained_bins] if trained_bins is not None else map_values
+    return float(trained.max() - trained.min()) <= 1e-12
+
+
+def ew_blend(map_values: Tensor, bins: Tensor, step: int, total_steps: int,
+             trained_bins: Tensor | None = None) -> Tensor:
+    """The share β [B] of the ew loss in (1 − β)·d² + β·L, as published: importance ι_i = (max M − M[b_i])/
+    (max M − min M) (easy noise levels, where the map is low, get the ew loss), blended half and half with the
+    batch median, ι'_i = 0.5·ι_i + 0.5·median_j ι_j, and scheduled by s = max(0, 1 − 2·step/total) (ew fades
+    out by mid-training, then plain MSE). median = the middle value, or the mean of the two middle values.
+    Min and max over the trained bins; a flat map gives β = 0.
+
+    Worked example (test_losses): M over the trained bins spans [1, 3], the batch's bins hold M = 1, 2, 3, 2.5:
+    ι = 1, 0.5, 0, 0.25; median 0.375; ι' = 0.6875, 0.4375, 0.1875, 0.3125; step 25 of 100: s = 0.5,
+    β = 0.34375, 0.21875, 0.09375, 0.15625."""
+    if _is_flat(map_values, trained_bins):
+        return torch.zeros(bins.shape, dtype=torch.float32, device=bins.device)
+    importance = 1 - map_position(map_values, bins, trained_bins)
+    blended = 0.5 * importance + 0.5 * torch.quantile(importance, 0.5)
+    return blended * max(0.0, 1.0 - 2.0 * step / max(total_steps, 1))
+
+
+def ew_loss(pred: Tensor, target: Tensor, alpha_bar: Tensor, blend: Tensor, boundary_shift: float = 0.0) -> Tensor:
     """Experimental "ew" loss (spec §5.4), elementwise [B, C, H, W]:
 
     a = |d|; μ = mean(a) + shift per sample; A = a·exp(a − μ); per (sample, channel) over H·W:
     F = mean(A)·ᾱ + std(A)·(1 − ᾱ), q = mean(d²); L = min(F, q) where F < mean_c(F), else 0.85·F + 0.15·q;
-    result (1 − ι)·d² + ι·L, ι the loss map's normalised importance of the sample's bin (``map_importance``).
+    result (1 − β)·d² + β·L with β the per-sample share of ``ew_blend`` (published importance and schedule).
     ᾱ is the signal fraction SNR/(1 + SNR) (DDPM: ᾱ_t; flow: (1 − σ)²/((1 − σ)² + σ²))."""
     d = pred - target
     d2 = d * d
@@ -171,8 +199,8 @@ def ew_loss(pred: Tensor, target: Tensor, alpha_bar: Tensor, importance: Tensor,
     q = d2.mean(spatial, keepdim=True)
     below = F < F.mean(1, keepdim=True)
     L = torch.where(below, torch.minimum(F, q), 0.85 * F + 0.15 * q)
-    iota = per_sample_view(importance.to(d.dtype), d)
-    return (1 - iota) * d2 + iota * L
+    beta = per_sample_view(blend.to(d.dtype), d)
+    return (1 - beta) * d2 + beta * L
 
 
 def clustered_mse(pred: Tensor, target: Tensor, num_clusters: int = CLUSTERED_MSE_CLUSTERS) -> Tensor:
@@ -193,15 +221,76 @@ def clustered_mse(pred: Tensor, target: Tensor, num_clusters: int = CLUSTERED_MS
     ids = torch.zeros_like(values, dtype=torch.long)
     for edge in edges:  # K − 1 comparisons, each vectorised over the whole batch
         ids += values > edge[:, None]
+    return _cluster_means(flat, ids, num_clusters).reshape(d2.shape)
+
+
+def _cluster_means(flat: Tensor, ids: Tensor, num_clusters: int) -> Tensor:
+    """Each element of ``flat`` [B, N] replaced by the mean of its cluster (``ids`` [B, N] in [0, K))."""
     sums = torch.zeros(flat.shape[0], num_clusters, dtype=flat.dtype, device=flat.device).scatter_add(1, ids, flat)
     counts = torch.zeros_like(sums).scatter_add(1, ids, torch.ones_like(flat))
     means = sums / counts.clamp_min(1)
-    return means.gather(1, ids).reshape(d2.shape)
+    return means.gather(1, ids)
+
+
+def kmeans_cluster_counts(position: Tensor) -> Tensor:
+    """``--clustered_mse_mode kmeans``: K_i = round(4 + 96·p_i) clusters, p_i ∈ [0, 1] the sample's place in the
+    loss map (``map_position``): the hardest noise levels get 100 clusters (close to plain MSE detail), the
+    easiest 4. Long [B]."""
+    low, high = KMEANS_CLUSTER_RANGE
+    return torch.round(low + (high - low) * position.clamp(0, 1)).long()
+
+
+def kmeans_1d(values: Tensor, counts: Tensor, iterations: int = KMEANS_ITERATIONS) -> Tensor:
+    """Cluster ids [B, N] of 1-D k-means (Lloyd) per row of ``values`` [B, N] with ``counts`` [B] clusters each,
+    all rows at once. Centroids start at the K quantile midpoints (k + 0.5)/K of the row; each iteration assigns
+    every value to its nearest centroid (centroids kept sorted, so a searchsorted on their midpoints does it
+    in O(N log K)) and moves each centroid to its members' mean (an empty cluster keeps its centroid). Rows with
+    K < max K pad the centroids with +inf, which no value is nearest to."""
+    B, N = values.shape
+    k_max = int(counts.max())
+    k = torch.arange(k_max, device=values.device)
+    valid = k[None, :] < counts[:, None]                                            # [B, K]
+    levels = ((k[None, :] + 0.5) / counts[:, None]).clamp(max=1.0).to(values.dtype)  # [B, K]
+    sorted_values = values.sort(dim=1).values
+    index = (levels * (N - 1)).round().long().clamp(0, N - 1)
+    centroids = torch.where(valid, sorted_values.gather(1, index), torch.full_like(levels, float("inf")))
+    ids = torch.zeros_like(values, dtype=torch.long)
+    for _ in range(iterations):
+        centroids = centroids.sort(dim=1).values
+        midpoints = (centroids[:, :-1] + centroids[:, 1:]) / 2                     # inf beyond the valid ones
+        ids = torch.searchsorted(midpoints.contiguous(), values.contiguous())
+        sums = torch.zeros_like(centroids).scatter_add(1, ids, values)
+        members = torch.zeros_like(centroids).scatter_add(1, ids, torch.ones_like(values))
+        centroids = torch.where(members > 0, sums / members.clamp_min(1), centroids)
+    return ids
+
+
+def clustered_mse_kmeans(pred: Tensor, target: Tensor, counts: Tensor) -> Tensor:
+    """Experimental ``--clustered_mse_mode kmeans`` (the source's mode): each element of d² replaced by the mean
+    of its 1-D k-means cluster, with ``counts`` [B] clusters per sample (``kmeans_cluster_counts``: 4-100, driven
+    by the loss map). Any partition keeps Σ_k n_k·mean_k = Σ d², so without a mask the per-sample mean equals
+    MSE in value and in gradient, as for the quantile mode."""
+    d2 = (pred - target).square()
+    flat = d2.reshape(d2.shape[0], -1)
+    ids = kmeans_1d(flat.detach(), counts.to(flat.device))
+    return _cluster_means(flat, ids, int(counts.max())).reshape(d2.shape)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # reduction
 # ------------------------------------------------------------------------------------------------------------
+def mask_like(mask: Tensor, loss: Tensor) -> Tensor:
+    """A mask [B, 1, h, w] in [0, 1] resized to the loss's spatial size by area averaging (KS
+    ``apply_masked_loss``: interpolate(mode="area")), fp32 [B, 1, H, W]: each latent pixel gets the mean of the
+    mask over the image pixels it covers. A mask already at that size is returned as is."""
+    mask = mask.to(device=loss.device, dtype=torch.float32)
+    if mask.dim() == loss.dim() - 1:
+        mask = mask.unsqueeze(1)
+    if tuple(mask.shape[2:]) != tuple(loss.shape[2:]):
+        mask = torch.nn.functional.interpolate(mask, size=tuple(loss.shape[2:]), mode="area")
+    return mask
+
+
 def per_sample_mean(loss: Tensor, mask: Tensor | None = None, renormalize: bool = False) -> Tensor:
     """Mean over the non-batch dims -> [B]. With a mask (broadcastable, e.g. [B, 1, H, W]): mean of loss·mask
     (KS masked loss), or with ``renormalize`` Σ loss·mask / Σ mask, the mean over the masked area only."""
@@ -222,13 +311,16 @@ def per_sample_mean(loss: Tensor, mask: Tensor | None = None, renormalize: bool 
 def conditional_loss(model_pred: Tensor, target: Tensor, loss_type: str = "l2", reduction: str = "mean",
                      huber_c: Tensor | float | None = None) -> Tensor:
     """KS ``train_util.conditional_loss``: loss_type l2 | l1 | huber | smooth_l1, reduction "none" | "mean" |
-    "sum", huber_c a [B] tensor or a float (needed by huber and smooth_l1). Uses the stable forms, so values
-    equal KS's up to rounding."""
+    "sum", huber_c a [B] tensor or a float (needed by huber and smooth_l1). Computed in fp32 whatever the input
+    dtype (KS computes in the input's: fp16 overflows to NaN at |d| = 300 and rounds d² to 0 at |d| ≤ 1e-4), with
+    the stable hypot forms; returns fp32. Values equal KS's fp32 values up to rounding."""
     if loss_type not in ("l2", "l1", "huber", "smooth_l1"):
         raise ValueError(f"conditional_loss: unsupported loss_type '{loss_type}'")
     if loss_type in THRESHOLD_LOSS_TYPES and huber_c is None:
         raise ValueError(f"conditional_loss: loss_type '{loss_type}' needs huber_c")
-    loss = elementwise_loss(model_pred, target, loss_type, huber_c)
+    if isinstance(huber_c, Tensor):
+        huber_c = huber_c.float()
+    loss = elementwise_loss(model_pred.float(), target.float(), loss_type, huber_c)
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":

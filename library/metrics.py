@@ -184,10 +184,21 @@ class LossMetrics:
         for j, value in enumerate(bands.tolist()):
             if math.isfinite(value):
                 logs[f"loss/timestep_bin/{j:02d}"] = value
-        if step % self.heatmap_every == 0 and bool(torch.isfinite(bands).any()):
-            self.heatmap_steps.append(int(step))
-            self.heatmap_rows.append(bands.clone())
+        if step % self.heatmap_every == 0:
+            self.add_heatmap_row(step)
         return logs
+
+    def add_heatmap_row(self, step: int) -> bool:
+        """Append the band EMAs as the heatmap row of ``step`` (once per step; not before any loss was seen), e.g.
+        at a save or at the end of training, so a short run has a heatmap too. Returns whether a row exists."""
+        if self.heatmap_steps and self.heatmap_steps[-1] == int(step):
+            return True
+        bands = self.band_estimate()
+        if not bool(torch.isfinite(bands).any()):
+            return False
+        self.heatmap_steps.append(int(step))
+        self.heatmap_rows.append(bands.clone())
+        return True
 
     # ------------------------------------------------------------------------------------------ histogram
     def band_edges(self) -> np.ndarray:

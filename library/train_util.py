@@ -74,6 +74,10 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, family: str) -> None:
     g.add_argument("--face_crop_aug_range", type=str, default=None,
                    help="KS face-centred crop; refused here (needs KS's face-box file names)")
     g.add_argument("--random_crop", action="store_true", help="random instead of centre crop to the bucket")
+    g.add_argument("--alpha_mask", action="store_true",
+                   help="use each image's alpha channel as its loss mask (KS; see --masked_loss)")
+    g.add_argument("--conditioning_data_dir", type=str, default=None,
+                   help="--masked_loss: folder of mask images named like the --train_data_dir images (KS)")
     g.add_argument("--debug_dataset", action="store_true",
                    help="print the batches of the first epoch (images, buckets, crops, flips, captions) and exit "
                         "without loading models")

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from library import checkpointing, metadata as metadata_lib, metrics as metrics_lib, optimizers, sampling
-from library import memory_modes, validation as validation_lib
+from library import loss_outputs, memory_modes, validation as validation_lib
 from library.checkpointing import TrainState
 from library.data.loader import batch_steps
 from library.errors import UserError
@@ -358,6 +358,8 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
                         zero_terminal_snr=args.zero_terminal_snr,
                         flow_shift=getattr(plan.loss, "timestep_shift", 1.0) or 1.0,
                         grad_accum_steps=args.gradient_accumulation_steps)
+    if engine.learned is not None:  # --loss_weighting learned: u(σ) trains beside the LoRA, on its device
+        engine.learned.to(device)
     optimizer, lr_scheduler = _make_optimizer(args, plan, network)
     optimizer = accelerator.prepare(optimizer)
 
@@ -408,10 +410,12 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
     accelerator.wait_for_everyone()
     check_ranks_agree(run)
     final = os.path.join(args.output_dir, args.output_name + ".safetensors")
+    _heatmap_at_save(run)
     if accelerator.is_main_process:
         final = _save_lora(run, args.output_name)
         if args.save_state or args.save_state_on_train_end:
             _save_state(run, os.path.join(args.output_dir, args.output_name + "-state"))
+        loss_outputs.write_loss_files(run.engine, run.metrics, args.output_dir, args.output_name + "-")
         print(f"saved {final}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -423,6 +427,8 @@ def _loop(run: Run, steps_per_epoch: int, micro_per_epoch: int, num_epochs: int)
     rank, world_size = accelerator.process_index, accelerator.num_processes
     accum = args.gradient_accumulation_steps
     params = [p for p in run.network.parameters() if p.requires_grad]
+    # --loss_weighting learned: u's gradients are averaged over ranks with the LoRA's (not clipped with them)
+    learned_params = engine.learned.parameters() if engine.learned is not None else []
     bar = tqdm(total=args.max_train_steps, initial=state.step, disable=not accelerator.is_local_main_process,
                desc="steps", smoothing=0)
     recent: list[float] = []
@@ -451,10 +457,13 @@ def _loop(run: Run, steps_per_epoch: int, micro_per_epoch: int, num_epochs: int)
             cluster = engine.cluster_for_step(state.step)
             if cluster is not None:  # the timestep-clustered optimizer steps only this cluster's state (spec §6)
                 _raw_optimizer(run.optimizer).set_cluster(cluster)
-            stop_votes = all_reduce_gradients(params, world_size, float(bool(run.interrupted and run.interrupted[0])))
+            stop_votes = all_reduce_gradients(params + learned_params, world_size,
+                                              float(bool(run.interrupted and run.interrupted[0])))
             if args.max_grad_norm:
                 accelerator.clip_grad_norm_(params, args.max_grad_norm)
             run.optimizer.step()
+            if engine.learned is not None:
+                engine.learned.step()
             run.lr_scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
             max_norm_logs = _scale_weight_norms(run)
@@ -532,6 +541,19 @@ def _log_images(run: Run) -> None:
                                  global_step=run.state.step)
     if run.state.step % run.args.heatmap_every_n_steps == 0 and len(run.metrics.heatmap_array()[0]):
         writer.add_image("loss/timestep_heatmap", run.metrics.heatmap_image(), run.state.step, dataformats="HWC")
+        if run.engine.learned is not None:
+            writer.add_image("loss/learned_weighting", loss_outputs.learned_weighting_image(run.engine),
+                             run.state.step, dataformats="HWC")
+
+
+def _heatmap_at_save(run: Run) -> None:
+    """At every save and at the end: a heatmap row for this step, and the image in tensorboard (a short run
+    would otherwise have none: rows are added every --heatmap_every_n_steps)."""
+    if not run.metrics.add_heatmap_row(run.state.step) or not run.accelerator.is_main_process:
+        return
+    if run.accelerator.log_with and run.args.log_with in (None, "tensorboard", "all"):
+        writer = run.accelerator.get_tracker("tensorboard", unwrap=True)
+        writer.add_image("loss/timestep_heatmap", run.metrics.heatmap_image(), run.state.step, dataformats="HWC")
 
 
 def _sample_images(run: Run, label: str) -> None:
@@ -572,8 +594,10 @@ def _forward_backward(run: Run, batch: dict, micro_step: int):
     noisy, target = engine.make_inputs(latents, noise, levels)
     with accelerator.autocast():
         pred = adapter.predict(models, noisy.to(plan.weight_dtype), levels.timesteps, conditioning, batch)
+    mask = batch.get("masks")  # --masked_loss / --alpha_mask: [B, 1, h, w] in [0, 1], else None
     result = engine.loss(pred.float(), target.float(), levels, step, noisy=noisy,
-                         sample_weights=batch["loss_weights"].to(device), mask=None)
+                         sample_weights=batch["loss_weights"].to(device),
+                         mask=mask.to(device) if mask is not None else None)
     accelerator.backward(result.loss / args.gradient_accumulation_steps)
     gather = accelerator.gather if accelerator.num_processes > 1 else None
     engine.record(result, levels, gather=gather)
@@ -718,6 +742,7 @@ def _save_state(run: Run, folder: str) -> None:
                              train_state=run.state, scaler_state=scaler,
                              loss_map=loss_map,
                              metrics_state=run.metrics.state_dict())
+    loss_outputs.write_loss_files(run.engine, run.metrics, folder)  # loss map CSV/PNG, learned weights, heatmap
 
 
 def _maybe_save_every_n_steps(run: Run) -> None:
@@ -737,6 +762,7 @@ def _maybe_save_every_n_epochs(run: Run, num_epochs: int) -> None:
 def _save_checkpoint(run: Run, name: str, by: str, count: int, keep_last_n: int | None, every: int) -> None:
     """An intermediate save: the LoRA, its state with --save_state, and old saves pruned (--save_last_n_*)."""
     run.accelerator.wait_for_everyone()
+    _heatmap_at_save(run)
     if run.accelerator.is_main_process:
         _save_lora(run, name)
         if run.args.save_state:

@@ -18,6 +18,12 @@ from torch import Tensor
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow", "flow_x0")
 SNR_FLOOR, SNR_CEIL = 1e-8, 1000.0  # SNR' = clamp(SNR, 1e-8, 1000) of debiased / scale_v / v_pred_like
+SNR_WEIGHTINGS = ("snr", "max_snr")
+# The documented bound on the product of the timestep weights (docs/losses-and-timesteps.md, "Bound"). Without it
+# zero terminal SNR (SNR = 0 at t = 999) gives 1e4 (debiased ε), 1e8·λ (v_pred_like) and 1e12 (both), and
+# sigma_sqrt gives 1e6 at σ = 1/T. 1000 leaves every weight of SD's own schedule without zero terminal SNR alone
+# (debiased ε ≤ 14.6, v_pred_like ≤ 1 + 214λ, max-SNR-1 ε ≤ 213) and caps only those extremes.
+MAX_TIMESTEP_WEIGHT = 1000.0
 
 
 def clamped_snr(snr: Tensor) -> Tensor:
@@ -63,6 +69,28 @@ def debiased_weight(snr: Tensor, prediction_type: str, sigma: Tensor | None = No
     raise ValueError(f"unknown prediction_type '{prediction_type}'")
 
 
+def snr_weight(snr: Tensor, mode: str, gamma: float, prediction_type: str, sigma: Tensor | None = None) -> Tensor:
+    """``--snr_weighting`` (the baselines of the Min-SNR paper, Hang et al. 2023, Table 1), in x0-space:
+    snr: w0 = SNR (= plain ε-prediction MSE); max_snr: w0 = max(SNR, γ) (``--max_snr_gamma``, 1 = Salimans &
+    Ho 2022's "truncated SNR"). Converted like min-SNR: ε ÷SNR, v ÷(SNR + 1), flow velocity ×σ², x0 ×1.
+    ε: snr → 1, max_snr → max(1, γ/SNR') (SNR' = clamp(SNR, 1e-8, 1000); bounded by MAX_TIMESTEP_WEIGHT in
+    timestep_weights)."""
+    if mode not in SNR_WEIGHTINGS:
+        raise ValueError(f"unknown snr weighting '{mode}'; known: {', '.join(SNR_WEIGHTINGS)}")
+    w0 = snr if mode == "snr" else snr.clamp(min=gamma)
+    if prediction_type == "epsilon":
+        # SNR' keeps it finite at SNR = 0 (γ·1e8), so a later factor of 0 cannot turn inf·0 into NaN
+        return torch.ones_like(snr) if mode == "snr" else (gamma / clamped_snr(snr)).clamp(min=1.0)
+    if prediction_type == "v_prediction":
+        return w0 / (snr + 1)
+    if prediction_type == "flow":
+        sigma = _require_sigma(sigma, "snr_weighting")
+        return (1 - sigma) ** 2 if mode == "snr" else w0 * sigma**2  # SNR·σ² = (1 − σ)², finite at σ = 1
+    if prediction_type == "flow_x0":
+        return w0
+    raise ValueError(f"unknown prediction_type '{prediction_type}'")
+
+
 def scale_v_like_noise_weight(snr: Tensor) -> Tensor:
     """``--scale_v_pred_loss_like_noise_pred`` (v only, KS): SNR'/(SNR' + 1), which turns the v loss into the
     ε loss's scale."""
@@ -97,12 +125,21 @@ def loss_curve_offset_weight(noise_fraction: Tensor, step: int, total_steps: int
     return 1 - 2 * c * (torch.sigmoid(12 * noise_fraction - 6) - 0.5)
 
 
-def loss_map_offset_weight(map_values: Tensor, bins: Tensor, step: int, total_steps: int) -> Tensor:
+def trained_mean(values: Tensor, trained_bins: Tensor | None) -> Tensor:
+    """mean(M) over the bins training can reach (``trained_bins`` a bool mask [T]; None: all bins). Bins outside
+    ``--min_timestep`` / ``--max_timestep`` are never updated and stay at 1.0, so counting them would pull
+    every ratio M[b]/mean towards the initial value instead of 1."""
+    return values[trained_bins].mean() if trained_bins is not None else values.mean()
+
+
+def loss_map_offset_weight(map_values: Tensor, bins: Tensor, step: int, total_steps: int,
+                           trained_bins: Tensor | None = None) -> Tensor:
     """``--loss_map_offset``: w_i = 1 + (M[b_i]/mean(M) − 1)·a, a = clamp(1 − step/total, 0, 1) falling from 1
-    at step 0 to 0 at the end; per sample (the original broadcast it into one batch scale). Flat map -> 1."""
+    at step 0 to 0 at the end; per sample (the original broadcast it into one batch scale). The mean is over the
+    trained bins only (``trained_bins``), so a map that is flat there gives exactly 1 for any timestep range."""
     fade = min(max(1.0 - step / max(total_steps, 1), 0.0), 1.0)
     values = map_values.detach()
-    relative = values.to(bins.device)[bins.long()] / values.mean().item()
+    relative = values.to(bins.device)[bins.long()] / trained_mean(values, trained_bins).item()
     return 1 + (relative - 1) * fade
 
 
@@ -113,6 +150,8 @@ class WeightOptions:
     prediction_type: str
     weighting_scheme: str = "uniform"
     min_snr_gamma: float | None = None
+    snr_weighting: str | None = None
+    max_snr_gamma: float = 1.0
     scale_v_pred_loss_like_noise_pred: bool = False
     v_pred_like_loss: float | None = None
     debiased_estimation_loss: bool = False
@@ -126,16 +165,20 @@ class WeightOptions:
 
 
 def timestep_weights(opts: WeightOptions, snr: Tensor, sigma: Tensor | None, noise_fraction: Tensor,
-                     bins: Tensor, step: int, total_steps: int, map_values: Tensor | None = None) -> Tensor:
+                     bins: Tensor, step: int, total_steps: int, map_values: Tensor | None = None,
+                     trained_bins: Tensor | None = None) -> Tensor:
     """The product of every enabled timestep weight, multiplied in the spec's order (§0): SD3 scheme · min-SNR ·
-    scale_v · v_pred_like · debiased · loss curve offset · loss-map offset. fp64 [B]; ones when none is on.
-    ``noise_fraction`` is t/T (DDPM) or σ (flow); ``map_values`` the loss map (needed by loss_map_offset)."""
+    SNR weighting · scale_v · v_pred_like · debiased · loss curve offset · loss-map offset, then bounded by
+    MAX_TIMESTEP_WEIGHT. Dtype of ``snr`` [B]; ones when none is on. ``noise_fraction`` is t/T (DDPM) or σ
+    (flow); ``map_values`` the loss map (needed by loss_map_offset), ``trained_bins`` its trained range."""
     p = opts.prediction_type
     weight = torch.ones_like(snr)
     if opts.weighting_scheme in ("sigma_sqrt", "cosmap"):
         weight = weight * sd3_scheme_weight(opts.weighting_scheme, _require_sigma(sigma, "weighting_scheme"))
     if opts.min_snr_gamma:
         weight = weight * min_snr_weight(snr, opts.min_snr_gamma, p, sigma)
+    if opts.snr_weighting:
+        weight = weight * snr_weight(snr, opts.snr_weighting, opts.max_snr_gamma, p, sigma)
     if opts.scale_v_pred_loss_like_noise_pred:
         weight = weight * scale_v_like_noise_weight(snr)
     if opts.v_pred_like_loss:
@@ -148,5 +191,5 @@ def timestep_weights(opts: WeightOptions, snr: Tensor, sigma: Tensor | None, noi
     if opts.loss_map_offset:
         if map_values is None:
             raise ValueError("loss_map_offset needs the loss map's values")
-        weight = weight * loss_map_offset_weight(map_values, bins, step, total_steps).to(weight)
-    return weight
+        weight = weight * loss_map_offset_weight(map_values, bins, step, total_steps, trained_bins).to(weight)
+    return weight.clamp(max=MAX_TIMESTEP_WEIGHT)

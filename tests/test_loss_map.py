@@ -216,3 +216,28 @@ def test_gathered_update_single_process_and_uneven_fake_ranks():
     gathered_update(two_ranks, bins, losses, gather=gather_as_rank0)
     sequential.update(torch.tensor([5, 6, 7, 8]), torch.tensor([0.1, 0.2, 0.3, 0.9]))
     assert torch.equal(two_ranks.values, sequential.values)
+
+
+def test_sampling_probs_compress_over_the_reachable_bins_only():
+    """Bins outside --min_timestep/--max_timestep stay at 1.0; the compression's mean/max/min are taken over the
+    reachable bins, so a map trained to a constant there gives exactly the base sampler's probabilities."""
+    loss_map = LossMap(1000)
+    loss_map.values[300:700] = 0.1
+    base = torch.zeros(1000)
+    base[300:700] = 1.0
+    probs = loss_map.sampling_probs(base, 0.1)
+    torch.testing.assert_close(probs, base.double() / 400, rtol=1e-12, atol=0)
+
+
+def test_loss_map_files_round_trip(tmp_path):
+    loss_map = LossMap(1000)
+    loss_map.update(torch.tensor([10, 500]), torch.tensor([0.2, 3.0]))
+    loss_map.to_csv(str(tmp_path / "m.csv"))
+    loss_map.save_file(str(tmp_path / "m.safetensors"))
+    for name in ("m.csv", "m.safetensors"):
+        other = LossMap(1000)
+        other.load_any(str(tmp_path / name))
+        torch.testing.assert_close(other.values, loss_map.values, rtol=1e-8, atol=0)
+    (tmp_path / "bad.csv").write_text("bin,loss\n0,1\n")
+    with pytest.raises(UserError, match="--loss_map_init: .*999 of the 1000 bins"):
+        LossMap(1000).load_any(str(tmp_path / "bad.csv"))

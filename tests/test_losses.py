@@ -62,6 +62,25 @@ def test_elementwise_l2_l1():
         losses.elementwise_loss(pred, target, "huber")
 
 
+@pytest.mark.parametrize("loss_type", ["l2", "l1", "huber", "smooth_l1"])
+def test_conditional_loss_fp16_equals_fp32(loss_type):
+    """KS computes in the input dtype: fp16 gives NaN/inf at |d| = 300 (d² > 65504) and 0 at |d| = 1e-4 (d² below
+    fp16's smallest subnormal). The facade computes in fp32: fp16 inputs give the fp32 value of the same numbers."""
+    pred16 = torch.tensor([[300.0, 1e-4, -2.0, 0.5]], dtype=torch.float16)
+    target16 = torch.zeros_like(pred16)
+    c = torch.tensor([0.1])
+    for reduction in ("none", "mean", "sum"):
+        got = losses.conditional_loss(pred16, target16, loss_type, reduction, c)
+        want = losses.conditional_loss(pred16.float(), target16.float(), loss_type, reduction, c)
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    none = losses.conditional_loss(pred16, target16, loss_type, "none", c)
+    d = pred16.float()
+    if loss_type == "l2":
+        assert float(none[0, 1]) == pytest.approx(float(d[0, 1]) ** 2, rel=1e-6) and float(none[0, 0]) == 90000.0
+    assert float(none[0, 1]) > 0  # |d| = 1e-4 no longer rounds to 0
+
+
 def test_conditional_loss_matches_ks_formulas():
     g = torch.Generator().manual_seed(0)
     pred, target = torch.randn(3, 4, 5, 5, generator=g), torch.randn(3, 4, 5, 5, generator=g)
@@ -178,19 +197,79 @@ def test_ew_blend_endpoints():
     pred, target = torch.randn(2, 4, 6, 6, generator=g), torch.randn(2, 4, 6, 6, generator=g)
     ab = torch.tensor([0.9, 0.1])
     d2 = (pred - target) ** 2
-    torch.testing.assert_close(losses.ew_loss(pred, target, ab, torch.zeros(2)), d2)  # ι = 0: MSE
-    full = losses.ew_loss(pred, target, ab, torch.ones(2))                                # ι = 1: L per (sample, channel)
+    torch.testing.assert_close(losses.ew_loss(pred, target, ab, torch.zeros(2)), d2)  # β = 0: MSE
+    full = losses.ew_loss(pred, target, ab, torch.ones(2))                                # β = 1: L per (sample, channel)
     assert torch.isfinite(full).all()
     assert torch.allclose(full, full[..., :1, :1].expand_as(full))  # constant over H·W
     # L ≤ max(F, q) by construction; with boundary shift the exponent weights change the value
     assert not torch.allclose(full, losses.ew_loss(pred, target, ab, torch.ones(2), boundary_shift=1.0))
 
 
-def test_map_importance_flat_and_spread():
+def test_map_position_flat_spread_and_trained_range():
     bins = torch.tensor([0, 5, 9])
-    assert losses.map_importance(torch.ones(10), bins).tolist() == [0.0, 0.0, 0.0]  # flat map: no division by 0
+    assert losses.map_position(torch.ones(10), bins).tolist() == [0.0, 0.0, 0.0]  # flat map: no division by 0
     values = torch.arange(10, dtype=torch.float32) + 1  # 1..10
-    assert losses.map_importance(values, bins).tolist() == pytest.approx([0.0, 5 / 9, 1.0])
+    assert losses.map_position(values, bins).tolist() == pytest.approx([0.0, 5 / 9, 1.0])
+    # only bins 2..7 are trained: min 3, max 8 there; the untrained bins (kept at 1.0 in a run) set nothing
+    trained = torch.zeros(10, dtype=torch.bool)
+    trained[2:8] = True
+    values[:2] = 1.0
+    values[8:] = 1.0
+    assert losses.map_position(values, torch.tensor([2, 4, 7]), trained).tolist() == pytest.approx([0.0, 0.4, 1.0])
+
+
+def test_ew_blend_is_the_published_formula():
+    """Worked example of ew_blend's docstring: ι = (max − M)/(max − min), ι' = 0.5ι + 0.5·median(ι),
+    β = ι'·max(0, 1 − 2·step/total)."""
+    values = torch.ones(1000)
+    trained = torch.zeros(1000, dtype=torch.bool)
+    trained[100:900] = True
+    values[100:900] = 2.0
+    values[100], values[200], values[300], values[400] = 1.0, 2.0, 3.0, 2.5  # min 1, max 3 over the trained bins
+    bins = torch.tensor([100, 200, 300, 400])
+    beta = losses.ew_blend(values, bins, 25, 100, trained)
+    assert beta.tolist() == pytest.approx([0.34375, 0.21875, 0.09375, 0.15625], abs=1e-7)
+    assert losses.ew_blend(values, bins, 0, 100, trained).tolist() == pytest.approx([0.6875, 0.4375, 0.1875, 0.3125])
+    assert losses.ew_blend(values, bins, 50, 100, trained).tolist() == [0.0] * 4  # MSE from mid-training on
+    assert losses.ew_blend(torch.ones(1000), bins, 0, 100, trained).tolist() == [0.0] * 4  # flat map: MSE
+
+
+def test_ew_loss_by_hand():
+    """One sample, one channel, two pixels, d = (1, 3): a = (1, 3), μ = 2, A = (e^−1, 3e); ᾱ = 0.5:
+    F = 0.5·mean(A) + 0.5·std(A); q = mean(d²) = 5; one channel: F < mean_c(F) is false, so
+    L = 0.85F + 0.15q; with β = 0.4 the result is 0.6·d² + 0.4·L."""
+    pred = torch.tensor([[[[1.0, 3.0]]]])
+    target = torch.zeros_like(pred)
+    A = torch.tensor([math.exp(-1), 3 * math.exp(1)])
+    F = 0.5 * A.mean() + 0.5 * A.std(correction=0)
+    L = 0.85 * F + 0.15 * 5.0
+    expected = 0.6 * torch.tensor([1.0, 9.0]) + 0.4 * L
+    out = losses.ew_loss(pred, target, torch.tensor([0.5]), torch.tensor([0.4]))
+    torch.testing.assert_close(out.reshape(-1), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_clustered_mse_kmeans_counts_and_mse_identity():
+    g = torch.Generator().manual_seed(5)
+    target = torch.randn(3, 4, 16, 16, generator=g)
+    pred_a = torch.randn(3, 4, 16, 16, generator=g, requires_grad=True)
+    pred_b = pred_a.detach().clone().requires_grad_(True)
+    counts = losses.kmeans_cluster_counts(torch.tensor([0.0, 0.5, 1.0]))
+    assert counts.tolist() == [4, 52, 100]  # 4 + 96·p, rounded
+    clustered = losses.per_sample_mean(losses.clustered_mse_kmeans(pred_a, target, counts))
+    mse = losses.per_sample_mean((pred_b - target) ** 2)
+    torch.testing.assert_close(clustered, mse)
+    clustered.sum().backward()
+    mse.sum().backward()
+    torch.testing.assert_close(pred_a.grad, pred_b.grad)
+    values = losses.clustered_mse_kmeans(pred_a.detach(), target, counts)
+    distinct = [v.unique().numel() for v in values]
+    assert distinct[0] <= 4 and distinct[1] <= 52 and distinct[2] <= 100 and distinct[2] > 52
+
+
+def test_kmeans_1d_finds_separated_groups():
+    values = torch.tensor([[0.0, 0.1, 0.2, 5.0, 5.1, 9.0, 9.2, 9.1]])
+    ids = losses.kmeans_1d(values, torch.tensor([3]))
+    assert ids.tolist() == [[0, 0, 0, 1, 1, 2, 2, 2]]
 
 
 # ------------------------------------------------------------------------------------------------------------ reduction

@@ -155,3 +155,71 @@ def test_loss_map_offset():
     assert W.loss_map_offset_weight(values, bins, 50, 100).tolist() == pytest.approx([0.75, 1.0, 1.25])  # a = 0.5
     assert W.loss_map_offset_weight(values, bins, 100, 100).tolist() == pytest.approx([1.0, 1.0, 1.0])  # a = 0
     assert W.loss_map_offset_weight(torch.ones(4), bins, 0, 100).tolist() == [1.0, 1.0, 1.0]  # flat map
+
+
+# ------------------------------------------------------------------------------------------------------------ issue 14
+@pytest.mark.parametrize("t_range", [(0, 1000), (300, 700), (0, 100), (950, 1000)])
+def test_loss_map_offset_is_exactly_one_for_a_constant_loss_in_any_range(t_range):
+    """A constant loss of 0.1 on t in [t_min, t_max) makes the map 0.1 over the trained bins; outside it stays 1.0.
+    The offset's mean is taken over the trained bins, so every trained sample's weight is exactly 1 (the old
+    all-bins mean gave 0.16 at step 0 for [300, 700))."""
+    from library.loss_map import LossMap
+
+    t_min, t_max = t_range
+    loss_map = LossMap(1000)
+    trained = torch.zeros(1000, dtype=torch.bool)
+    trained[t_min:t_max] = True
+    bins = torch.arange(t_min, t_max)
+    for _ in range(40):  # every trained bin converges to 0.1 (rate 0.5: 2^-40)
+        loss_map.update(bins, torch.full((bins.numel(),), 0.1))
+    assert not torch.allclose(loss_map.values, torch.full((1000,), 0.1)) or t_range == (0, 1000)
+    for step in (0, 37, 99):
+        w = W.loss_map_offset_weight(loss_map.values, bins, step, 100, trained)
+        torch.testing.assert_close(w, torch.ones_like(w), rtol=1e-6, atol=0)
+    if t_range == (300, 700):  # what the old statistic did
+        old = W.loss_map_offset_weight(loss_map.values, bins, 0, 100)
+        assert float(old[0]) == pytest.approx(0.16, abs=0.005)  # the issue's figure (neighbours outside move too)
+
+
+def test_snr_weighting_oracles():
+    snr = torch.tensor([0.0, 0.5, 1.0, 4.0, 100.0], dtype=torch.float64)
+    # snr: x0-space SNR = plain ε loss
+    assert W.snr_weight(snr, "snr", 1.0, "epsilon").tolist() == [1.0] * 5
+    assert W.snr_weight(snr, "snr", 1.0, "v_prediction").tolist() == pytest.approx([0.0, 1 / 3, 0.5, 0.8, 100 / 101])
+    assert W.snr_weight(snr, "snr", 1.0, "flow_x0").tolist() == pytest.approx(snr.tolist())
+    # max_snr γ = 2: ε max(1, γ/SNR) (SNR' floor 1e-8 at 0), v max(SNR, γ)/(SNR + 1)
+    assert W.snr_weight(snr, "max_snr", 2.0, "epsilon").tolist() == pytest.approx([2e8, 4.0, 2.0, 1.0, 1.0])
+    assert W.snr_weight(snr, "max_snr", 2.0, "v_prediction").tolist() == pytest.approx([2.0, 2 / 1.5, 1.0, 0.8, 100 / 101])
+    sigma = torch.tensor([1.0, 0.5, 0.2], dtype=torch.float64)  # SNR 0, 1, 16
+    assert W.snr_weight(flow_snr(sigma), "snr", 1.0, "flow", sigma).tolist() == pytest.approx([0.0, 0.25, 0.64])
+    assert W.snr_weight(flow_snr(sigma), "max_snr", 2.0, "flow", sigma).tolist() == pytest.approx([2.0, 0.5, 0.64])
+    opts = W.WeightOptions("epsilon", snr_weighting="max_snr", max_snr_gamma=2.0)
+    w = W.timestep_weights(opts, snr, None, snr, torch.zeros(5, dtype=torch.long), 0, 100)
+    assert w.tolist() == pytest.approx([W.MAX_TIMESTEP_WEIGHT, 4.0, 2.0, 1.0, 1.0])  # bounded at SNR 0
+
+
+@pytest.mark.parametrize("snr_table", [SNR, ZT_SNR], ids=["sd", "zero_terminal_snr"])
+def test_no_configuration_exceeds_the_documented_bound(snr_table):
+    """Every combination of the ε / v weights, at every t (zero terminal SNR included), stays ≤ 1000; without
+    the bound zero terminal SNR reached 1e4 (debiased) and 1e12 (debiased · v_pred_like)."""
+    t = torch.arange(1000)
+    raw_max = 0.0
+    for prediction, extra in (("epsilon", dict(v_pred_like_loss=1.0)), ("v_prediction",
+                                                                          dict(scale_v_pred_loss_like_noise_pred=True))):
+        for debiased in (False, True):
+            for snr_weighting in (None, "max_snr"):
+                opts = W.WeightOptions(prediction, debiased_estimation_loss=debiased, snr_weighting=snr_weighting,
+                                       **extra)
+                w = W.timestep_weights(opts, snr_table, None, t / 1000, t, 0, 100)
+                assert torch.isfinite(w).all() and float(w.max()) <= W.MAX_TIMESTEP_WEIGHT
+        raw_max = max(raw_max, float((W.debiased_weight(snr_table, "epsilon") * W.v_pred_like_weight(snr_table, 1.0)).max()))
+    if snr_table is ZT_SNR:
+        assert raw_max > 1e11  # what the bound prevents
+    else:
+        assert raw_max < W.MAX_TIMESTEP_WEIGHT * 4  # SD's own schedule: 14.6 · 215 ≈ 3140 at t = 999
+    for scheme in ("sigma_sqrt", "cosmap"):
+        for prediction in ("flow", "flow_x0"):
+            opts = W.WeightOptions(prediction, weighting_scheme=scheme, debiased_estimation_loss=True,
+                                   snr_weighting="snr")
+            w = W.timestep_weights(opts, flow_snr(SIGMA), SIGMA, SIGMA, torch.arange(1000), 0, 100)
+            assert torch.isfinite(w).all() and float(w.max()) <= W.MAX_TIMESTEP_WEIGHT

@@ -40,6 +40,9 @@ class SubsetConfig:
     resize_interpolation: str | None = None
     metadata_file: str | None = None
     loss_weight: float = 1.0
+    # loss masks (library/data/masks.py): mask images of the same names, or the alpha channel
+    conditioning_data_dir: str | None = None
+    alpha_mask: bool = False
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from library.data.captions import (caption_has_choices, process_caption, random_
 from library.data.dataset_config import resolve_datasets
 from library.data.folders import list_images
 from library.data.images import color_augment, load_rgb, pixels_to_tensor_batch, probe_images, resize_and_crop
+from library.data import masks as mask_lib
 from library.data.latent_cache import (latent_cache_path, latent_identity, load_if_valid, save_atomic,
                                        text_cache_path, text_identity)
 from library.data.metadata_file import metadata_entries
@@ -74,6 +75,9 @@ class ImageItem:
     text_outputs: dict[str, torch.Tensor] | None = None
     text_outputs_path: str | None = None
     text_identity: dict[str, str] | None = None
+    # Loss mask (library/data/masks.py): "alpha", a mask file's path, or None; cached with the latents.
+    mask_source: str | None = None
+    mask_latent: torch.Tensor | None = None
 
     @property
     def target_size_hw(self) -> tuple[int, int]:
@@ -153,7 +157,7 @@ class DatasetGroup:
         `augment=False`: centre crop, no flip / colour, the deterministic caption (validation and cache filling)."""
         items = [self.items[i] for i in indices]
         subsets = [self.subsets[item.subset_index] for item in items]
-        captions, crops, pixels, flips = [], [], [], []
+        captions, crops, pixels, flips, masks = [], [], [], [], []
         use_latents = all(item.latents is not None or item.latents_path for item in items)
         for position, (item, subset) in enumerate(zip(items, subsets)):
             aug_rng = data_rng(self.seed, "augment", epoch, batch_number, position) if augment else None
@@ -166,6 +170,7 @@ class DatasetGroup:
             crops.append((crop_left_top[1], _flipped_left(item, crop_left_top[0]) if flip else crop_left_top[0]))
             if not use_latents:
                 pixels.append(self._pixels(item, subset, crop_left_top, flip, aug_rng))
+            masks.append(self._mask(item, crop_left_top, flip, use_latents))
         return {
             "images": None if use_latents else pixels_to_tensor_batch(pixels),
             "latents": torch.stack([self._latents(it, f) for it, f in zip(items, flips)]) if use_latents else None,
@@ -177,7 +182,26 @@ class DatasetGroup:
             "image_paths": [item.path for item in items],
             "text_encoder_outputs": self._stacked_text_outputs(items),
             "item_indices": torch.tensor([item.index for item in items], dtype=torch.long),
+            "masks": mask_lib.stack_masks(masks),
         }
+
+    def _mask(self, item: ImageItem, crop_left_top: tuple[int, int], flip: bool, cached: bool) -> torch.Tensor | None:
+        """The item's loss mask [1, H, W] (image size; latent size when latents are cached, mirrored for a
+        flipped latent: area averaging commutes with the flip), or None."""
+        if item.mask_source is None:
+            return None
+        if cached:
+            mask = item.mask_latent
+            if mask is None:
+                identity = None if self.skip_cache_check else self._latent_identity(item, item.latents_key)
+                tensors = load_if_valid(item.latents_path, identity)
+                if tensors is None or "mask" not in tensors:
+                    raise UserError(f"latent cache '{item.latents_path}' disappeared or changed during training; "
+                                    "run again (without --skip_cache_check) to recompute it")
+                mask = tensors["mask"]
+            return mask.flip(-1) if flip else mask
+        mask = mask_lib.load_mask(item.mask_source, item.path)
+        return torch.from_numpy(mask_lib.mask_pixels(mask, item.resized_wh, item.bucket_wh, crop_left_top, flip))[None]
 
     @staticmethod
     def _geometry(item: ImageItem, subset: SubsetConfig,
@@ -316,14 +340,20 @@ class DatasetGroup:
                 for i, it in enumerate(chunk):
                     latent = latents[i].clone()  # own storage, not a view into the batch
                     latent_flipped = flipped[i].clone() if flip else None
+                    mask = None
+                    if it.mask_source is not None:  # the mask at the latent's size, cached with it
+                        full = self._mask(it, it.center_crop_left_top, False, cached=False)
+                        mask = mask_lib.to_latent_size(full, tuple(latent.shape[-2:]))
                     if to_disk:
                         tensors = {"latents": latent}
                         if flip:
                             tensors[FLIPPED_LATENTS] = latent_flipped
+                        if mask is not None:
+                            tensors["mask"] = mask
                         save_atomic(it.latents_path, tensors, self._latent_identity(it, cache_key))
                     else:
                         it.latents, it.latents_flipped, it.latents_path = latent, latent_flipped, None
-                        it.latents_key = cache_key
+                        it.latents_key, it.mask_latent = cache_key, mask
                 computed += len(chunk)
         logger.info("latents: %d computed, %d reused from cache", computed, reused)
         return CacheStats(computed=computed, reused=reused)
@@ -336,6 +366,11 @@ class DatasetGroup:
         subset = self.subsets[item.subset_index]
         if subset.flip_aug:
             identity["flip_aug"] = "true"
+        if item.mask_source == mask_lib.ALPHA:
+            identity["mask"] = mask_lib.ALPHA  # the image file's identity covers its alpha channel
+        elif item.mask_source is not None:
+            stat = os.stat(item.mask_source)
+            identity["mask"] = f"{os.path.basename(item.mask_source)}:{stat.st_size}:{stat.st_mtime_ns}"
         if subset.resize_interpolation:
             identity["resize_interpolation"] = subset.resize_interpolation
         return identity
@@ -494,6 +529,7 @@ def build_dataset_group(options: DatasetOptions, max_bad_share: float = MAX_BAD_
         d_index = subset_dataset[s_index]
         good = [p for p in paths if p in probe_of]
         held_out = _validation_paths(good, subset, datasets[d_index], options.data_seed, s_index)
+        mask_of = _mask_sources(subset, good, probe_of)
         for path in good:
             probe = probe_of[path]
             choice = selectors[d_index].select(probe.width, probe.height)
@@ -503,7 +539,10 @@ def build_dataset_group(options: DatasetOptions, max_bad_share: float = MAX_BAD_
                 caption=caption, original_size_hw=(probe.height, probe.width),
                 bucket_wh=choice.bucket_wh, resized_wh=choice.resized_wh, ar_error=choice.ar_error,
                 num_repeats=subset.num_repeats, loss_weight=subset.loss_weight, is_reg=subset.is_reg,
-                is_val=subset.is_val or path in held_out, file_size=probe.file_size, mtime_ns=probe.mtime_ns))
+                is_val=subset.is_val or path in held_out, file_size=probe.file_size, mtime_ns=probe.mtime_ns,
+                mask_source=mask_of.get(path)))
+    mask_lib.check_mask_options(options.masked_loss, options.masked_loss_normalization,
+                                any(s.conditioning_data_dir for s in subsets), any(s.alpha_mask for s in subsets))
     for d_index in range(len(datasets)):
         _balance_regularisation(group, d_index)
     if options.cache_text_encoder_outputs or options.cache_text_encoder_outputs_to_disk:
@@ -514,6 +553,19 @@ def build_dataset_group(options: DatasetOptions, max_bad_share: float = MAX_BAD_
     group.make_batches(group.epoch)
     _log_summary(group)
     return group
+
+
+def _mask_sources(subset: SubsetConfig, paths: list[str], probe_of: dict) -> dict[str, str]:
+    """{image path: mask source} of a subset: its conditioning_data_dir masks (checked to exist and to have the
+    image's size), else "alpha" with alpha_mask, else nothing."""
+    if subset.conditioning_data_dir:
+        files = mask_lib.mask_files(subset.conditioning_data_dir, paths, f"subset '{_subset_name(subset)}'")
+        for path, mask_path in files.items():
+            mask_lib.check_mask_size(mask_path, (probe_of[path].width, probe_of[path].height))
+        return files
+    if subset.alpha_mask:
+        return {path: mask_lib.ALPHA for path in paths}
+    return {}
 
 
 def _report_bad_files(bad: list[tuple[str, str]], total: int, max_bad_share: float) -> None:

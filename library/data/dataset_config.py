@@ -26,7 +26,8 @@ SUBSET_ASCENDABLE_KEYS = (
     "num_repeats", "class_tokens", "caption_extension", "shuffle_caption", "keep_tokens", "keep_tokens_separator",
     "caption_separator", "secondary_separator", "enable_wildcard", "token_warmup_min", "token_warmup_step",
     "caption_dropout_rate", "caption_tag_dropout_rate", "caption_dropout_every_n_epochs", "caption_prefix",
-    "caption_suffix", "flip_aug", "random_crop", "color_aug", "resize_interpolation",
+    "caption_suffix", "flip_aug", "random_crop", "color_aug", "resize_interpolation", "alpha_mask",
+    "conditioning_data_dir",
 )
 SUBSET_ONLY_KEYS = ("image_dir", "is_reg", "is_val", "metadata_file")
 DATASET_KEYS = (
@@ -50,7 +51,7 @@ NOTED_SUBSET_KEYS = ("cache_info", "custom_attributes")
 NOTED_DATASET_KEYS = ("network_multiplier",)
 # KS keys for features this trainer does not have: a specific message instead of "unknown key".
 KS_UNSUPPORTED_KEYS = (
-    "face_crop_aug_range", "alpha_mask", "conditioning_data_dir",
+    "face_crop_aug_range",
 )
 KS_UNSUPPORTED_REASONS = {
     "face_crop_aug_range": "it needs face boxes in the image file names written by KS's face-detection tool; crop "
@@ -153,6 +154,7 @@ CHECKS: dict[str, Callable[[str, Any, str], Any]] = {
     "resolution": _resolution, "batch_size": _integer(1), "enable_bucket": _boolean,
     "min_bucket_reso": _integer(1), "max_bucket_reso": _integer(1), "bucket_reso_steps": _integer(1),
     "bucket_no_upscale": _boolean, "validation_split": _rate(False), "validation_seed": _optional_integer,
+    "alpha_mask": _boolean, "conditioning_data_dir": _optional_text,
 }
 
 
@@ -266,6 +268,8 @@ def _subset(subset_table: dict[str, Any], layers: list[tuple[dict[str, Any], str
     if "image_dir" in subset_table:
         image_dir = _existing_path(_text("image_dir", subset_table["image_dir"], where), base_dir)
         require_dir(image_dir, f"{where}: image_dir")
+    if values.get("conditioning_data_dir"):  # like image_dir: beside the TOML too
+        values["conditioning_data_dir"] = _existing_path(values["conditioning_data_dir"], base_dir)
     is_reg = _boolean("is_reg", subset_table.get("is_reg", False), where)
     is_val = _boolean("is_val", subset_table.get("is_val", False), where)
     return SubsetConfig(image_dir=image_dir, is_reg=is_reg, is_val=is_val, metadata_file=metadata_file,
@@ -348,6 +352,7 @@ def resolve_datasets(options: DatasetOptions) -> list[DatasetConfig]:
     reg: list[SubsetConfig] = []
     if options.reg_data_dir:
         prior_loss_weight = _positive_number("prior_loss_weight", options.prior_loss_weight, COMMAND_LINE)
-        reg = subsets_from_folders(options.reg_data_dir, replace(template, is_reg=True, loss_weight=prior_loss_weight),
-                                   "--reg_data_dir")
+        # --conditioning_data_dir holds the masks of the training images; regularisation images have none
+        reg = subsets_from_folders(options.reg_data_dir, replace(template, is_reg=True, loss_weight=prior_loss_weight,
+                                                                 conditioning_data_dir=None), "--reg_data_dir")
     return [_dataset(train + reg, [cli_layer], "command line")]

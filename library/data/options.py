@@ -53,6 +53,10 @@ class DatasetOptions:
     seed: int | None = None
     validation_split: float = 0.0          # KS: share of each --train_data_dir subset held out for validation
     validation_seed: int | None = None     # KS: the shuffle seed of that split (default: --seed)
+    alpha_mask: bool = False               # KS: the alpha channel is the loss mask (library/data/masks.py)
+    conditioning_data_dir: str | None = None  # KS: mask images of the same names, for the --train_data_dir subsets
+    masked_loss: bool = False              # KS training flag: needed by conditioning_data_dir
+    masked_loss_normalization: str = "area"
     # Not dataset-shape flags, but they decide which augmentations are allowed (checked before any model loads).
     cache_latents: bool = False
     cache_latents_to_disk: bool = False
