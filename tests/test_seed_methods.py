@@ -308,3 +308,50 @@ def test_resume_with_learned_weighting_and_masked_loss_equals_uninterrupted(sd15
     moved = engines[0]["learned_weighting"]["net"]["out.bias"]
     assert float(moved.abs()) > 0  # u really trained
     assert torch.equal(engines[0]["loss_map"]["values"], engines[1]["loss_map"]["values"])
+
+
+# ------------------------------------------------------------------------------------------------------------ show_timesteps
+def _curve_csv(path):
+    import csv
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    return rows[0], rows[1:]
+
+
+def test_show_timesteps_applies_the_map_and_the_learned_weights(tmp_path):
+    from library.loss_map import LossMap
+    from library.weighting import loss_map_offset_weight
+    from tools import show_timesteps
+
+    loss_map = LossMap()
+    loss_map.values[:] = torch.linspace(0.5, 2.5, 1000)
+    loss_map.to_csv(str(tmp_path / "map.csv"))
+    learned = LearnedWeighting()
+    with torch.no_grad():
+        learned.net.out.bias.fill_(0.7)
+    learned.save_file(str(tmp_path / "lw.safetensors"))
+    out, image = tmp_path / "c.csv", tmp_path / "t.png"
+    argv = ["--model_family", "sd1", "--loss_map_offset", "--loss_type", "ew", "--step", "20", "--max_train_steps",
+            "100", "--loss_map", str(tmp_path / "map.csv"), "--learned_weights", str(tmp_path / "lw.safetensors"),
+            "--curves_out", str(out), "--image_out", str(image), "--num_samples", "200"]
+    assert show_timesteps.main(argv) == 0
+    header, rows = _curve_csv(out)
+    assert header[-2:] == ["ew_share", "learned_u"]
+    weight = torch.tensor([float(r[header.index("loss_weight")]) for r in rows], dtype=torch.float64)
+    u = torch.tensor([float(r[header.index("learned_u")]) for r in rows], dtype=torch.float64)
+    torch.testing.assert_close(u, torch.full((1000,), 0.7, dtype=torch.float64), atol=2e-3, rtol=0)
+    offset = loss_map_offset_weight(loss_map.values, torch.arange(1000), 20, 100).double()  # not the flat map's 1
+    torch.testing.assert_close(weight, offset * torch.exp(-u), rtol=1e-6, atol=0)
+    share = torch.tensor([float(r[header.index("ew_share")]) for r in rows])
+    assert float(share[0]) > float(share[999]) > 0  # low map values get more of the ew loss
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_show_timesteps_names_the_bound(tmp_path, capsys):
+    from tools import show_timesteps
+
+    assert show_timesteps.main(["--model_family", "sd1", "--zero_terminal_snr", "--debiased_estimation_loss",
+                                "--v_pred_like_loss", "1", "--curves_out", str(tmp_path / "c.csv")]) == 0
+    assert "reaches the bound 1000" in capsys.readouterr().out
+    header, rows = _curve_csv(tmp_path / "c.csv")
+    assert max(float(r[header.index("loss_weight")]) for r in rows) == 1000.0

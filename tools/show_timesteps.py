@@ -9,12 +9,17 @@ goes through the same code the trainer does (library/engine.py):
 
 * ``--samples_out``: the timesteps a run draws (``--num_samples`` draws, ``--train_batch_size`` per step from
   ``--step`` on): step, u, timestep, bin, sigma, snr, sample_weight.
-* ``--curves_out``: one row per bin index (1000 rows), header ``index,timestep,sigma,snr,loss_weight,huber_c``.
-  DDPM: timestep = index, σ = √(1 − ᾱ); flow: σ = (index + 1)/1000, timestep = 1000σ. loss_weight is the
-  product of every enabled timestep weight at ``--step`` (loss-map weights at a flat map); huber_c is empty when
-  the loss type has no threshold.
-* ``--image_out``: histogram of the draws, sampler density, weight, effective weight (density × weight), Huber
-  threshold, and with ``--loss_map FILE`` (safetensors with tensor ``loss_map``) the loss-map sampling density.
+* ``--curves_out``: one row per bin index (1000 rows), header ``index,timestep,sigma,snr,loss_weight,huber_c``
+  (+ ``ew_share`` with ``--loss_type ew``, + ``learned_u`` with ``--learned_weights``). DDPM: timestep = index,
+  σ = √(1 − ᾱ); flow: σ = (index + 1)/1000, timestep = 1000σ. loss_weight is the product of every enabled
+  timestep weight at ``--step``, bounded by library/weighting.MAX_TIMESTEP_WEIGHT, with the map-based weights
+  (``--loss_map_offset``) at the ``--loss_map`` FILE (a flat map without one) and times exp(−u) with
+  ``--learned_weights``; huber_c is empty when the loss type has no threshold; ew_share is the ew loss's share β
+  at each bin (batch median over the trained bins).
+* ``--image_out``: histogram of the draws, sampler density, weight (with the bound), effective weight
+  (density × weight), Huber threshold, the loss-map sampling density and the map itself (``--loss_map FILE``:
+  loss_map.safetensors or loss_map.csv of a run), and the learned weights (``--learned_weights FILE``:
+  learned_weighting.safetensors of a run with ``--loss_weighting learned``).
 
 DDPM schedules without a model: SD's scaled_linear 0.00085..0.012, with ``--zero_terminal_snr`` if given.
 """
@@ -35,7 +40,9 @@ import torch
 from library import families, loss_config
 from library.engine import LossEngine, NoiseLevels
 from library.errors import UserError
-from library.losses import THRESHOLD_LOSS_TYPES
+from library.learned_weighting import LearnedWeighting
+from library.losses import THRESHOLD_LOSS_TYPES, ew_blend
+from library.weighting import MAX_TIMESTEP_WEIGHT
 
 CURVE_HEADER = "index,timestep,sigma,snr,loss_weight,huber_c"
 SAMPLE_HEADER = "step,u,timestep,bin,sigma,snr,sample_weight"
@@ -60,7 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--samples_out", type=str, default=None, help="CSV of the draws")
     g.add_argument("--curves_out", type=str, default=None, help="CSV of the per-timestep curves")
     g.add_argument("--image_out", type=str, default=None, help="PNG of the whole picture")
-    g.add_argument("--loss_map", type=str, default=None, help="loss-map .safetensors: draw its sampling density")
+    g.add_argument("--loss_map", type=str, default=None,
+                   help="loss map of a run (loss_map.safetensors or loss_map.csv): its sampling density, and the "
+                        "map-based weights at it")
+    g.add_argument("--learned_weights", type=str, default=None,
+                   help="learned_weighting.safetensors of a run with --loss_weighting learned: draw u(σ) and apply "
+                        "exp(−u) to the weights")
     loss_config.add_arguments(parser)
     return parser
 
@@ -104,24 +116,42 @@ def make_engine(args: argparse.Namespace) -> LossEngine:
                       max_train_steps=args.max_train_steps, zero_terminal_snr=args.zero_terminal_snr)
 
 
-def curves(engine: LossEngine, step: int) -> dict[str, torch.Tensor | None]:
-    """Per bin index: timestep, σ, SNR, loss weight (flat loss map), Huber threshold (None without one)."""
+def curves(engine: LossEngine, step: int, map_values: torch.Tensor | None = None,
+           learned: LearnedWeighting | None = None) -> dict[str, torch.Tensor | None]:
+    """Per bin index: timestep, σ, SNR, loss weight, Huber threshold (None without one), ew share (None unless
+    ew), learned u (None without). ``map_values``: the loss map the map-based weights use (None: flat)."""
     levels = engine.grid_levels()
     if engine.kind == "ddpm":
         sigma = (1 - engine.schedule.alpha_bar(levels.timesteps)).sqrt()
     else:
         sigma = levels.sigma
-    weight = engine.timestep_weights(levels, step, map_values=torch.ones(engine.num_bins))  # a flat map
+    values = map_values if map_values is not None else torch.ones(engine.num_bins)
+    weight = engine.timestep_weights(levels, step, map_values=values)
     huber = engine.huber_threshold(levels) if engine.cfg.loss_type in THRESHOLD_LOSS_TYPES else None
-    return {"timestep": levels.timesteps, "sigma": sigma, "snr": levels.snr, "loss_weight": weight, "huber_c": huber}
+    ew = None
+    if engine.cfg.loss_type == "ew":  # β per bin, the median taken over a "batch" of every trained bin
+        trained = engine.trained_bins
+        share = ew_blend(values, levels.bins[trained], step, engine.max_train_steps, trained)
+        ew = torch.zeros(engine.num_bins, dtype=torch.float64)
+        ew[trained] = share.double()
+    u = learned.curve(levels.snr) if learned is not None else None
+    if u is not None:
+        weight = weight * torch.exp(-u)
+    return {"timestep": levels.timesteps, "sigma": sigma, "snr": levels.snr, "loss_weight": weight, "huber_c": huber,
+            "ew_share": ew, "learned_u": u}
+
+
+OPTIONAL_COLUMNS = ("ew_share", "learned_u")
 
 
 def write_curves(path: str, table: dict) -> None:
-    rows = [CURVE_HEADER]
+    extra = [name for name in OPTIONAL_COLUMNS if table.get(name) is not None]
+    rows = [",".join([CURVE_HEADER] + extra)]
     for i in range(table["snr"].numel()):
         huber = "" if table["huber_c"] is None else f"{float(table['huber_c'][i]):.10g}"
-        rows.append(f"{i},{float(table['timestep'][i]):.10g},{float(table['sigma'][i]):.10g},"
-                    f"{float(table['snr'][i]):.10g},{float(table['loss_weight'][i]):.10g},{huber}")
+        rows.append(",".join([f"{i},{float(table['timestep'][i]):.10g},{float(table['sigma'][i]):.10g},"
+                              f"{float(table['snr'][i]):.10g},{float(table['loss_weight'][i]):.10g},{huber}"]
+                             + [f"{float(table[name][i]):.10g}" for name in extra]))
     _write(path, rows)
 
 
@@ -156,22 +186,33 @@ def _write(path: str, rows: list[str]) -> None:
         f.write("\n".join(rows) + "\n")
 
 
-def loss_map_density(engine: LossEngine, path: str, args: argparse.Namespace) -> torch.Tensor:
-    """The sampling probabilities over bins a loss map gives (mixed with the base sampler by --loss_map_mix)."""
+def read_loss_map(engine: LossEngine, path: str) -> torch.Tensor:
+    """The values of a loss-map file (.safetensors or .csv); the engine's own map (if any) takes them too."""
     from library.loss_map import LossMap
 
     loss_map = LossMap(engine.num_bins)
-    loss_map.load_file(path)
-    if engine.cfg.timestep_sampling == "loss_map":
+    loss_map.load_any(path, "--loss_map")
+    if engine.loss_map is not None:
         engine.loss_map.values.copy_(loss_map.values)
+    return loss_map.values
+
+
+def loss_map_density(engine: LossEngine, values: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
+    """The sampling probabilities over bins a loss map gives (mixed with the base sampler by --loss_map_mix)."""
+    from library.loss_map import LossMap
+
+    if engine.cfg.timestep_sampling == "loss_map":
         return engine.bin_probabilities(args.step)
+    loss_map = LossMap(engine.num_bins)
+    loss_map.values.copy_(values)
     base = engine.bin_probabilities(args.step, _latent_shape(args))
     return loss_map.sampling_probs(base, engine.cfg.loss_map_mix).double()
 
 
 def flag_summary(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
     """The flags that differ from their defaults, for the figure title."""
-    skip = {"config_file", "samples_out", "curves_out", "image_out", "loss_map", "num_samples", "help"}
+    skip = {"config_file", "samples_out", "curves_out", "image_out", "loss_map", "learned_weights", "num_samples",
+            "help"}
     parts = [f"{args.model_family}"]
     for action in parser._actions:
         if not action.option_strings or action.dest in skip or action.dest == "model_family":
@@ -183,7 +224,7 @@ def flag_summary(args: argparse.Namespace, parser: argparse.ArgumentParser) -> s
 
 
 def draw(path: str, engine: LossEngine, table: dict, levels: NoiseLevels, density: torch.Tensor,
-         map_probs: torch.Tensor | None, title: str, step: int) -> None:
+         map_probs: torch.Tensor | None, title: str, step: int, map_values: torch.Tensor | None = None) -> None:
     """The figure (matplotlib Agg canvas: no display, no global backend switch)."""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -201,9 +242,9 @@ def draw(path: str, engine: LossEngine, table: dict, levels: NoiseLevels, densit
     effective = effective / max(effective.mean(), 1e-300)
     axis_label = "timestep t" if engine.kind == "ddpm" else "bin = floor(1000σ)"
 
-    figure = Figure(figsize=(12, 6.4), dpi=72)
+    figure = Figure(figsize=(16, 6.4), dpi=72)
     FigureCanvasAgg(figure)
-    axes = figure.subplots(2, 3)
+    axes = figure.subplots(2, 4)
     ax = axes[0, 0]
     ax.hist(levels.bins.numpy(), bins=50, range=(0, T), density=True, color="tab:blue", alpha=0.6, label="draws")
     ax.plot(index, density / T, color="black", linewidth=1, label="density")
@@ -213,10 +254,27 @@ def draw(path: str, engine: LossEngine, table: dict, levels: NoiseLevels, densit
     ax.set_title("sampling density (× T)")
     ax.set_ylim(0, max(float(density.max()) * 1.1, 1e-9))  # a flat density must not zoom into rounding noise
     ax = axes[0, 2]
-    ax.plot(index, weight, color="tab:red")
+    ax.plot(index, weight, color="tab:red", label="weight")
     if weight.max() / max(weight.min(), 1e-300) > 100:
         ax.set_yscale("log")
-    ax.set_title(f"loss weight at step {step}")
+    if weight.max() >= 0.1 * MAX_TIMESTEP_WEIGHT:  # the documented bound, where it matters
+        ax.axhline(MAX_TIMESTEP_WEIGHT, color="black", linestyle="--", linewidth=1,
+                   label=f"bound {MAX_TIMESTEP_WEIGHT:g}")
+        ax.legend(fontsize=8)
+    ax.set_title(f"loss weight at step {step}" + (" (× learned)" if table.get("learned_u") is not None else ""))
+    ax = axes[0, 3]
+    if table.get("learned_u") is not None:
+        u = table["learned_u"].numpy()
+        ax.plot(index, np.exp(-u), color="tab:red", label="exp(−u)")
+        ax.set_yscale("log")
+        twin = ax.twinx()
+        twin.plot(index, u, color="tab:blue", linewidth=1, label="u ≈ log E[loss]")
+        twin.set_ylabel("u", fontsize=8)
+        ax.legend(loc="upper left", fontsize=8), twin.legend(loc="upper right", fontsize=8)
+        ax.set_title("learned weighting: exp(−u) and u")
+    else:
+        ax.text(0.5, 0.5, "no --learned_weights file", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title("learned weighting")
     ax = axes[1, 0]
     ax.plot(index, effective, color="tab:purple")
     ax.set_title("effective weight = density × weights (mean 1)")
@@ -236,6 +294,17 @@ def draw(path: str, engine: LossEngine, table: dict, levels: NoiseLevels, densit
     else:
         ax.text(0.5, 0.5, "no --loss_map file", ha="center", va="center", transform=ax.transAxes)
         ax.set_title("loss-map sampling density")
+    ax = axes[1, 3]
+    if map_values is not None:
+        ax.plot(index, map_values.numpy(), color="tab:brown", label="loss map")
+        if table.get("ew_share") is not None:
+            twin = ax.twinx()
+            twin.plot(index, table["ew_share"].numpy(), color="tab:gray", linewidth=1, label="ew share β")
+            twin.legend(loc="upper right", fontsize=8)
+        ax.set_title("the loss map")
+    else:
+        ax.text(0.5, 0.5, "no --loss_map file", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title("the loss map")
     for ax in axes.flat:
         ax.set_xlim(0, T - 1)
         ax.set_xlabel(axis_label, fontsize=8)
@@ -250,10 +319,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         engine = make_engine(args)
-        table = curves(engine, args.step)
+        map_values = read_loss_map(engine, args.loss_map) if args.loss_map else None
+        learned = LearnedWeighting.from_file(args.learned_weights) if args.learned_weights else None
+        table = curves(engine, args.step, map_values, learned)
         if args.curves_out:
             write_curves(args.curves_out, table)
-        map_probs = loss_map_density(engine, args.loss_map, args) if args.loss_map else None
+        capped = int((table["loss_weight"] >= MAX_TIMESTEP_WEIGHT).sum()) if learned is None else 0
+        if capped:
+            print(f"note: the loss weight reaches the bound {MAX_TIMESTEP_WEIGHT:g} at {capped} of "
+                  f"{engine.num_bins} noise levels (docs/losses-and-timesteps.md, 'Bound')")
+        map_probs = loss_map_density(engine, map_values, args) if map_values is not None else None
         if args.samples_out or args.image_out:
             steps, levels = draw_samples(engine, args)
             if args.samples_out:
@@ -261,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.image_out:
                 density = engine.bin_probabilities(args.step, _latent_shape(args))
                 draw(args.image_out, engine, table, levels, density, map_probs, flag_summary(args, build_parser()),
-                     args.step)
+                     args.step, map_values)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
