@@ -253,10 +253,14 @@ class LossEngine:
     def timestep_weights(self, levels: NoiseLevels, step: int, map_values: Tensor | None = None) -> Tensor:
         """The product of the enabled §4 timestep weights [B] (dtype of levels.snr); ``map_values`` replaces the
         loss map's values (e.g. a flat map for curves)."""
-        fraction = levels.sigma if levels.sigma is not None else levels.timesteps.to(levels.snr) / self.num_bins
+        fraction = self.noise_fraction(levels)
         values = map_values if map_values is not None else self.loss_map.values if self.loss_map is not None else None
         return timestep_weights(self.weight_options, levels.snr, levels.sigma, fraction, levels.bins, step,
                                 self.max_train_steps, values, self.trained_bins)
+
+    def noise_fraction(self, levels: NoiseLevels) -> Tensor:
+        """t/T (DDPM) or σ (flow), dtype of levels.snr: the noise axis of the curve offset and the learned u."""
+        return levels.sigma if levels.sigma is not None else levels.timesteps.to(levels.snr) / self.num_bins
 
     def _signal_fraction(self, levels: NoiseLevels) -> Tensor:
         """ᾱ = SNR/(1 + SNR) (DDPM: read from the table)."""
@@ -304,7 +308,7 @@ class LossEngine:
         weighted = raw * weights
         if self.learned is None:
             return LossResult(loss=weighted.mean(), raw=raw, weighted=weighted)
-        u = self.learned(levels.snr.to(raw.device)).to(raw)
+        u = self.learned(self.noise_fraction(levels).to(raw.device)).to(raw)
         objective = learned_objective(weighted, u)
         return LossResult(loss=objective.mean(), raw=raw, weighted=(weighted * torch.exp(-u)).detach())
 

@@ -11,17 +11,19 @@ noise level and L/e^u normalises every noise level to ≈ 1: the model sees bala
 hand-made weight (the "automatic weighting" of the first seed). u takes gradient 1 − L·e^{−u}; the model takes
 the gradient of L scaled by e^{−u}.
 
-u(σ): EDM2's c_noise = ln(σ_EDM)/4 with σ_EDM = 1/√SNR, which maps every family to one input (DDPM: σ_EDM =
-√((1 − ᾱ)/ᾱ); flow: σ/(1 − σ)); ln SNR is clamped to ±20 so SNR = 0 (zero terminal SNR, σ = 1) is finite. Fixed
-random Fourier features √2·cos(2π(f·c + φ)) (EDM2 MPFourier) go through Linear-SiLU-Linear, the last layer
-starting at 0 (u ≈ 0.001, the plain loss, at step 0). Everything is initialised from a fixed seed, so every rank and
-every run starts from the same u.
+u(σ): the input is the noise fraction x ∈ [0, 1] every family already has (DDPM t/T, flow σ; the loss map's
+axis), not EDM2's c_noise = ln(σ_EDM)/4: EDM2 samples σ log-normally, so its samples are spread over c_noise, while
+our samplers spread them over t, and in c_noise the first 1 % of DDPM timesteps (SNR 1175 → 100) would fill a fifth
+of the axis with almost no samples, where u wandered off by 20 in a test run. Fixed random Fourier features
+√2·cos(2π(f·x + φ)) (EDM2 MPFourier) go through Linear-SiLU-Linear, the last layer starting at 0 (u ≈ 0.001, the
+plain loss, at step 0). Everything is initialised from a fixed seed, so every rank and every run starts from the
+same u.
 
 The learned weight e^{−u} is bounded like the timestep weights (library/weighting.MAX_TIMESTEP_WEIGHT): u has the
 smooth floor u = −ln W + softplus(raw + ln W), W = 1000, so a noise level whose loss tends to 0 (ε-prediction at
 SNR = 0 is the identity) cannot blow its weight up, and the gradient of u never vanishes.
 
-u has its own Adam (lr ``--loss_weighting_lr``, 0.01, betas (0.9, 0.99) as EDM2), stepped with the LoRA's
+u has its own Adam (lr ``--loss_weighting_lr``, 0.005, betas (0.9, 0.99) as EDM2), stepped with the LoRA's
 optimizer step: the LoRA learning rate (1e-4) would need ~10⁵ steps to move u by the few units it must travel,
 and adaptive optimizers (Prodigy, D-Adaptation) estimate their step size for the LoRA, not for u.
 """
@@ -39,19 +41,14 @@ from library.weighting import MAX_TIMESTEP_WEIGHT
 NUM_FEATURES = 64
 HIDDEN = 64
 INIT_SEED = 20240607            # fixed: every rank and run starts from the same network
-LOG_SNR_LIMIT = 20.0            # ln SNR clamped to ±20: finite at SNR = 0 and at σ = 1/T (SNR ≈ 1e6, ln ≈ 13.8)
 U_FLOOR = -math.log(MAX_TIMESTEP_WEIGHT)  # e^{−u} ≤ MAX_TIMESTEP_WEIGHT
 ADAM_BETAS = (0.9, 0.99)        # EDM2's Adam betas
 FILE_FORMAT = "learned_loss_weighting-v1"
 
 
-def noise_input(snr: Tensor) -> Tensor:
-    """EDM2's c_noise = ln(σ_EDM)/4 = −ln(SNR)/8, with ln SNR clamped to ±20 (fp32)."""
-    return -snr.float().clamp_min(1e-30).log().clamp(-LOG_SNR_LIMIT, LOG_SNR_LIMIT) / 8
-
-
 class LogVarianceNet(nn.Module):
-    """u(σ): Fourier features of c_noise -> Linear -> SiLU -> Linear(1), with u's smooth floor. Input SNR [B]."""
+    """u(σ): Fourier features of the noise fraction -> Linear -> SiLU -> Linear(1), with u's smooth floor.
+    Input: noise fractions [B] in [0, 1] (DDPM t/T, flow σ)."""
 
     def __init__(self, num_features: int = NUM_FEATURES, hidden: int = HIDDEN):
         super().__init__()
@@ -67,12 +64,12 @@ class LogVarianceNet(nn.Module):
             self.out.weight.zero_()
             self.out.bias.zero_()
 
-    def features(self, snr: Tensor) -> Tensor:
-        c = noise_input(snr).to(self.frequencies.device)
-        return math.sqrt(2) * torch.cos(2 * math.pi * (c[:, None] * self.frequencies + self.phases))
+    def features(self, noise_fraction: Tensor) -> Tensor:
+        x = noise_fraction.float().clamp(0.0, 1.0).to(self.frequencies.device)
+        return math.sqrt(2) * torch.cos(2 * math.pi * (x[:, None] * self.frequencies + self.phases))
 
-    def forward(self, snr: Tensor) -> Tensor:
-        raw = self.out(torch.nn.functional.silu(self.hidden(self.features(snr)))).squeeze(-1)
+    def forward(self, noise_fraction: Tensor) -> Tensor:
+        raw = self.out(torch.nn.functional.silu(self.hidden(self.features(noise_fraction)))).squeeze(-1)
         # smooth floor at −ln W (≈ raw above it; at raw = 0, u = ln(1 + 1/W) ≈ 0.001)
         return U_FLOOR + torch.nn.functional.softplus(raw - U_FLOOR)
 
@@ -85,7 +82,7 @@ def learned_objective(weighted: Tensor, u: Tensor) -> Tensor:
 class LearnedWeighting:
     """u(σ) with its own Adam; ``state_dict`` / ``load_state_dict`` cover both (saved in the training state)."""
 
-    def __init__(self, lr: float = 0.01, device: torch.device | str | None = None):
+    def __init__(self, lr: float = 0.005, device: torch.device | str | None = None):
         self.net = LogVarianceNet()
         if device is not None:
             self.net.to(device)
@@ -98,8 +95,8 @@ class LearnedWeighting:
     def parameters(self) -> list[nn.Parameter]:
         return list(self.net.parameters())
 
-    def __call__(self, snr: Tensor) -> Tensor:
-        return self.net(snr)
+    def __call__(self, noise_fraction: Tensor) -> Tensor:
+        return self.net(noise_fraction)
 
     def step(self) -> None:
         """One Adam step on the accumulated (and, with several processes, all-reduced) gradients of u."""
@@ -107,9 +104,9 @@ class LearnedWeighting:
         self.optimizer.zero_grad(set_to_none=True)
 
     @torch.no_grad()
-    def curve(self, snr: Tensor) -> Tensor:
-        """u at the given SNRs (fp64 CPU), for plots and tables."""
-        return self.net(snr.to(self.net.frequencies.device)).double().cpu()
+    def curve(self, noise_fraction: Tensor) -> Tensor:
+        """u at the given noise fractions (fp64 CPU), for plots and tables."""
+        return self.net(noise_fraction.to(self.net.frequencies.device)).double().cpu()
 
     def state_dict(self) -> dict:
         return {"net": {k: v.detach().clone() for k, v in self.net.state_dict().items()},
@@ -145,14 +142,14 @@ class LearnedWeighting:
         weighting.net.load_state_dict(tensors)
         return weighting
 
-    def to_png(self, path: str, index: Tensor, snr: Tensor, xlabel: str) -> None:
+    def to_png(self, path: str, index: Tensor, noise_fraction: Tensor, xlabel: str) -> None:
         """u and the weight e^{−u} over the noise-level grid (matplotlib Agg canvas, no display)."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
         figure = Figure(figsize=(8, 3), dpi=100)
         FigureCanvasAgg(figure)
-        draw_curve(figure, index.numpy(), self.curve(snr).numpy(), xlabel)
+        draw_curve(figure, index.numpy(), self.curve(noise_fraction).numpy(), xlabel)
         figure.tight_layout()
         figure.savefig(path)
 

@@ -96,7 +96,7 @@ class LossConfig:
     snr_weighting: str | None = None
     max_snr_gamma: float = 1.0
     loss_weighting: str = "none"
-    loss_weighting_lr: float = 0.01
+    loss_weighting_lr: float = 0.005
     debiased_estimation_loss: bool = False
     scale_v_pred_loss_like_noise_pred: bool = False
     v_pred_like_loss: float | None = None
@@ -521,7 +521,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="learned: a per-noise-level log-variance u(σ) trained with the LoRA, loss = L/exp(u) + u "
                         "(EDM2, Karras et al. 2024) (default none)")
     g.add_argument("--loss_weighting_lr", type=float, default=d["loss_weighting_lr"],
-                   help="--loss_weighting learned: Adam learning rate of u(σ) (default 0.01)")
+                   help="--loss_weighting learned: Adam learning rate of u(σ) (default 0.005)")
     g.add_argument("--min_snr_gamma", "--snr_gamma", dest="min_snr_gamma", type=float, default=None,
                    help="Min-SNR weighting γ (5 is typical; --snr_gamma is an alias)")
     g.add_argument("--debiased_estimation_loss", action="store_true", help="debiased estimation weighting")

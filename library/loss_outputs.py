@@ -39,7 +39,7 @@ def write_loss_files(engine, metrics, folder: str, prefix: str = "") -> list[str
         grid = engine.grid_levels()
         index, label = noise_axis(engine)
         engine.learned.save_file(path(LEARNED_FILE))
-        engine.learned.to_png(path(LEARNED_PNG), grid.bins, grid.snr, label)
+        engine.learned.to_png(path(LEARNED_PNG), grid.bins, engine.noise_fraction(grid), label)
         written += [path(LEARNED_FILE), path(LEARNED_PNG)]
     if metrics is not None and len(metrics.heatmap_array()[0]):
         from PIL import Image
@@ -60,7 +60,7 @@ def learned_weighting_image(engine) -> np.ndarray:
     index, label = noise_axis(engine)
     figure = Figure(figsize=(8, 3), dpi=80)
     canvas = FigureCanvasAgg(figure)
-    draw_curve(figure, index, engine.learned.curve(grid.snr).numpy(), label)
+    draw_curve(figure, index, engine.learned.curve(engine.noise_fraction(grid)).numpy(), label)
     figure.tight_layout()
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[:, :, :3].copy()

@@ -134,7 +134,7 @@ def curves(engine: LossEngine, step: int, map_values: torch.Tensor | None = None
         share = ew_blend(values, levels.bins[trained], step, engine.max_train_steps, trained)
         ew = torch.zeros(engine.num_bins, dtype=torch.float64)
         ew[trained] = share.double()
-    u = learned.curve(levels.snr) if learned is not None else None
+    u = learned.curve(engine.noise_fraction(levels)) if learned is not None else None
     if u is not None:
         weight = weight * torch.exp(-u)
     return {"timestep": levels.timesteps, "sigma": sigma, "snr": levels.snr, "loss_weight": weight, "huber_c": huber,
