@@ -353,3 +353,20 @@ def test_show_timesteps_names_the_bound(tmp_path, capsys):
     assert "reaches the bound 1000" in capsys.readouterr().out
     header, rows = _curve_csv(tmp_path / "c.csv")
     assert max(float(r[header.index("loss_weight")]) for r in rows) == 1000.0
+
+
+def test_cached_masks_follow_flips_like_full_size_ones(masked_data):
+    """flip_aug with cached latents: the cached (latent-size) mask of a flipped draw is the mirror image, equal to
+    the area-resized full-size mask of the same draw."""
+    data, masks = masked_data
+    plain = _group(data, conditioning_data_dir=masks, masked_loss=True, flip_aug=True)
+    cached = _group(data, conditioning_data_dir=masks, masked_loss=True, flip_aug=True)
+    cached.cache_latents(lambda images: torch.nn.functional.avg_pool2d(images, 8)[:, :3], to_disk=False,
+                         cache_key="k")
+    mirrored = 0
+    for batch_number in range(8):
+        full = plain.load_batch([0, 1], 1, batch_number)["masks"]
+        small = cached.load_batch([0, 1], 1, batch_number)["masks"]
+        torch.testing.assert_close(small, torch.nn.functional.interpolate(full, size=(8, 8), mode="area"))
+        mirrored += int((small[:, 0, :, -1] > 0.5).any())
+    assert mirrored > 0  # some draws flipped
