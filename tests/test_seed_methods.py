@@ -370,3 +370,20 @@ def test_cached_masks_follow_flips_like_full_size_ones(masked_data):
         torch.testing.assert_close(small, torch.nn.functional.interpolate(full, size=(8, 8), mode="area"))
         mirrored += int((small[:, 0, :, -1] > 0.5).any())
     assert mirrored > 0  # some draws flipped
+
+
+@pytest.mark.parametrize("family, prediction", [("sd1", "v_prediction"), ("sd3", "flow"), ("sd3", "flow_x0")])
+def test_learned_weighting_with_every_family_and_the_loss_map(family, prediction):
+    e = engine(family, prediction, loss_weighting="learned", timestep_sampling="loss_map", loss_map_offset=True,
+               loss_map_record="weighted")
+    levels = e.sample_levels(0, 4)
+    C = 16 if family == "sd3" else 4
+    x = torch.randn(4, C, 8, 8, generator=torch.Generator().manual_seed(0))
+    noisy, target = e.make_inputs(x, e.sample_noise(x, 0), levels)
+    pred = (target + 0.1).requires_grad_(True)
+    result = e.loss(pred, target, levels, 0, noisy=noisy)
+    result.loss.backward()
+    assert torch.isfinite(result.loss) and torch.isfinite(pred.grad).all()
+    assert e.learned.net.out.bias.grad is not None
+    e.record(result, levels)
+    assert not torch.all(e.loss_map.values == 1.0)
