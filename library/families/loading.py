@@ -194,13 +194,17 @@ def model_from_config(cls: Any, config_dir: str, subfolder: str, state_dict: dic
     transformers key layout) strictly. A key mismatch means the checkpoint and the architecture disagree."""
     folder = os.path.join(config_dir, subfolder)
     _require_file(os.path.join(folder, "config.json"), "--model_config", f"{subfolder}/config.json")
+    # Parameters on the meta device (no memory, no random init); buffers real, so the ones a module computes
+    # at construction (Chroma's mod_proj, CLIP's position_ids) exist without being in the file.
+    from accelerate import init_empty_weights
+
     if _is_transformers_class(cls):
         config = cls.config_class.from_pretrained(folder, local_files_only=True)
-        with torch.device("meta"):
+        with init_empty_weights(include_buffers=False):
             module = cls(config)
     else:
         config = cls.load_config(folder, local_files_only=True)
-        with torch.device("meta"):
+        with init_empty_weights(include_buffers=False):
             module = cls.from_config(config)
     expected_shapes = {k: v.shape for k, v in module.state_dict().items()}
     expected = set(expected_shapes)
