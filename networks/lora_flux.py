@@ -10,7 +10,8 @@ number of diffusers Linears make it up:
 so the file is exactly KS's (``lora_unet_double_blocks_N_img_attn_qkv.lora_down.weight`` [r, in],
 ``.lora_up.weight`` [3d, r], ``.alpha``), which KS, ComfyUI and diffusers' ``load_lora_weights`` (its KS-Flux
 converter splits ``up`` in the same order) read. ``split_qkv=True`` (KS) gives each part its own down and up
-(rank r each); the file then holds the block-diagonal merge KS writes: down [k·r, in], up [Σd, k·r].
+(rank r each); the file then holds the block-diagonal merge KS writes: down [k·r, in], up [Σd, k·r], with alpha
+k·alpha so that readers' alpha/rank keeps the trained scale (``file_alpha``).
 
 Text encoders: ``lora_te1_`` (CLIP-L, trained unless --network_train_unet_only) and ``lora_te3_`` (T5-XXL, only
 with ``train_t5xxl=True``), KS's prefixes. See docs/flux.md and docs/lora-format.md.
@@ -144,10 +145,17 @@ class FluxLoRAModule(torch.nn.Module):
         up = torch.block_diag(*[u.weight.detach() for u in self.lora_up])
         return down, up
 
+    def file_alpha(self) -> torch.Tensor:
+        """The alpha written to the file. A merged split module has rank k·r there, and every reader (KS, ComfyUI,
+        diffusers) scales by alpha/rank, so the file holds k·alpha to keep ΔW (KS writes alpha unchanged, which
+        makes its split_qkv files k times weaker everywhere but in its own split modules)."""
+        parts = len(self.out_dims) if self.split else 1
+        return self.alpha.detach() * parts
+
     def delta_weight(self) -> torch.Tensor:
         """ΔW of the fused BFL Linear [Σd, in] (fp32)."""
         down, up = self.fused_weights()
-        return (up.float() @ down.float()) * self.scale
+        return (up.float() @ down.float()) * (float(self.file_alpha()) / down.shape[0])
 
 
 # =========================================================================================================
@@ -489,7 +497,7 @@ class FluxLoRANetwork(torch.nn.Module):
             down, up = lora.fused_weights()
             tensors[f"{lora.lora_name}.lora_down.weight"] = down
             tensors[f"{lora.lora_name}.lora_up.weight"] = up
-            tensors[f"{lora.lora_name}.alpha"] = lora.alpha.detach()
+            tensors[f"{lora.lora_name}.alpha"] = lora.file_alpha()
         return {k: v.to("cpu", dtype=dtype or v.dtype).contiguous() for k, v in tensors.items()}
 
     def save_weights(self, file: str, dtype: torch.dtype | None, metadata: dict | None) -> None:
@@ -515,10 +523,10 @@ class FluxLoRANetwork(torch.nn.Module):
             if not isinstance(lora, FluxLoRAModule) or param not in ("lora_down.weight", "lora_up.weight", "alpha"):
                 unknown.append(key)
                 continue
-            if not lora.split or param == "alpha":
-                internal[key] = value
-                continue
             k, r = len(lora.out_dims), lora.lora_dim
+            if not lora.split or param == "alpha":
+                internal[key] = value / k if lora.split else value   # the file's alpha is k·alpha (file_alpha)
+                continue
             if param == "lora_down.weight":
                 if value.shape[0] != k * r:
                     raise UserError(f"--network_weights: {key} has rank {value.shape[0]}, split_qkv needs {k}×{r}; "
