@@ -23,6 +23,10 @@ from library.weighting import SNR_WEIGHTINGS, WeightOptions
 
 PREDICTION_TYPES = {"ddpm": ("epsilon", "v_prediction"), "flow": ("flow", "flow_x0")}
 TIMESTEP_SAMPLINGS = SAMPLER_NAMES + ("loss_map",)
+# KS Flux `--timestep_sampling sigma` (its default there): the --weighting_scheme sampler with σ shifted by
+# --discrete_flow_shift (KS draws from FlowMatchEulerDiscreteScheduler(shift=discrete_flow_shift)). Resolved to
+# that sampler plus --timestep_shift in from_args.
+KS_SIGMA_SAMPLING = "sigma"
 # KS SD3 --weighting_scheme: two select a sampler, two a loss weight, two nothing.
 WEIGHTING_SCHEMES = ("uniform", "none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 SCHEME_SAMPLERS = ("logit_normal", "mode")
@@ -188,6 +192,8 @@ class LossConfig:
         if given.get("min_snr_gamma") == 0:  # KS treats 0 as off (`if args.min_snr_gamma:`)
             given["min_snr_gamma"] = None
         values = {k: v for k, v in given.items() if v is not None}
+        if values.get("timestep_sampling") == KS_SIGMA_SAMPLING:
+            _resolve_ks_sigma(values, given)
         values["loss_weights"] = parse_loss_weights(given.get("loss_weights"))
         cfg = cls(family=family, prediction_type=prediction_type, **values)
         cfg.timestep_sampling = _resolve_sampling(cfg.timestep_sampling, cfg.weighting_scheme)
@@ -416,6 +422,17 @@ def _resolve_sampling(sampling: str, scheme: str) -> str:
                     f"--timestep_sampling {sampling}; keep one of them")
 
 
+def _resolve_ks_sigma(values: dict, given: dict) -> None:
+    """`--timestep_sampling sigma` -> uniform (then --weighting_scheme's sampler) with timestep_shift =
+    discrete_flow_shift; the shift flag is then used, so it is dropped from the unused-flag check."""
+    if values.get("timestep_shift", 1.0) != 1.0:
+        raise UserError("--timestep_shift with --timestep_sampling sigma: sigma already shifts σ by "
+                        "--discrete_flow_shift; keep one of them")
+    values["timestep_sampling"] = "uniform"
+    values["timestep_shift"] = values.get("discrete_flow_shift", _DEFAULTS["discrete_flow_shift"])
+    given.pop("discrete_flow_shift", None)
+
+
 def _differs(given: dict, name: str) -> bool:
     """Whether a flag holds something other than its default (None counts as the default)."""
     value = given.get(name)
@@ -538,8 +555,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="S: c grows by S over training (c = scale + S·step/total) (default 0)")
     g.add_argument("--loss_map_offset", action="store_true",
                    help="weight each sample by its bin's loss-map value / mean, fading out over training")
-    g.add_argument("--timestep_sampling", type=str, default=d["timestep_sampling"], choices=TIMESTEP_SAMPLINGS,
-                   help="timestep sampler (default uniform)")
+    g.add_argument("--timestep_sampling", type=str, default=d["timestep_sampling"],
+                   choices=TIMESTEP_SAMPLINGS + (KS_SIGMA_SAMPLING,),
+                   help="timestep sampler (default uniform); sigma (KS Flux): --weighting_scheme's sampler shifted "
+                        "by --discrete_flow_shift")
     g.add_argument("--logit_mean", type=float, default=d["logit_mean"], help="logit_normal mean m (default 0)")
     g.add_argument("--logit_std", type=float, default=d["logit_std"], help="logit_normal std s (default 1)")
     g.add_argument("--mode_scale", type=float, default=d["mode_scale"], help="mode sampler scale (default 1.29)")

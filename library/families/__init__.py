@@ -12,7 +12,8 @@ from typing import Any
 from library.families.base import Family
 
 # In detection order reversed: a later entry's `detects` is tried first (sd1 accepts any UNet).
-_MODULES = ("library.families.sd1", "library.families.sdxl", "library.families.sd3")
+_MODULES = ("library.families.sd1", "library.families.sdxl", "library.families.sd3", "library.families.flux",
+            "library.families.chroma")
 
 
 def all_families() -> list[Family]:

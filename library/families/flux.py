@@ -29,7 +29,7 @@ import torch
 from library import flux_convert
 from library.errors import UserError
 from library.families import loading
-from library.families.base import ModelOptions, Models
+from library.families.base import Family, ModelOptions, Models
 
 SOURCE_FLAG = "--pretrained_model_name_or_path"
 MODEL_TYPES = ("flux", "chroma")
@@ -353,6 +353,8 @@ class FluxAdapter:
     def load(self, opts: FluxOptions) -> Models:
         """Transformer, AE, text encoders and tokenizers from a diffusers folder or BFL single files, offline."""
         check(opts)
+        for note in notes(opts):
+            print(f"note: {note}")
         kind, path = loading.resolve_model_source(opts.pretrained_model_name_or_path, opts.allow_pickle)
         loader = _load_single_file if kind == "single_file" else _load_diffusers
         transformer, encoders, tokenizers, config_dir, variant = loader(opts, path)
@@ -459,9 +461,65 @@ class FluxAdapter:
         return {"max_sequence_length": models.extra["t5xxl_max_token_length"]}
 
 
-class ChromaAdapter(FluxAdapter):
-    """Chroma: the same adapter; the model type decides the loader and the conditioning."""
-    name = "chroma"
-
-
 ADAPTER = FluxAdapter()
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry entry
+# ----------------------------------------------------------------------------------------------
+FLUX_BLOCK_CLASSES = ("FluxTransformerBlock", "FluxSingleTransformerBlock", "ChromaTransformerBlock",
+                      "ChromaSingleTransformerBlock")
+
+
+def peft_targets(transformer: torch.nn.Module, include_conv: bool = False) -> list:
+    """For --network_module networks.lora on Flux / Chroma: every Linear of the transformer blocks, named by its
+    diffusers path (PEFT keys ``transformer.<path>.lora_A/B``, which diffusers and ComfyUI load at any width).
+    KS-format files come from networks.lora_flux."""
+    from networks.lora_keys import LoraTarget, _linear_or_conv_in
+
+    return [LoraTarget("lora_unet_" + path.replace(".", "_"), module, path, "transformer", "linear",
+                       f"transformer.{path}")
+            for path, module in _linear_or_conv_in(transformer, FLUX_BLOCK_CLASSES)
+            if isinstance(module, torch.nn.Linear)]
+
+
+def is_flux_transformer(denoiser: torch.nn.Module) -> bool:
+    return type(denoiser).__name__ == "FluxTransformer2DModel"
+
+
+def base_model_version(args: argparse.Namespace) -> str:
+    """KS flux_utils: MODEL_VERSION_FLUX_V1 'flux1', MODEL_VERSION_CHROMA 'chroma'."""
+    return "chroma" if getattr(args, "model_type", "flux") == "chroma" else "flux1"
+
+
+def write_tiny_model(out: str, seed: int = 0, single_file: str | None = None, model_config_out: str | None = None,
+                     variant: str = "dev") -> dict:
+    """A tiny Flux (dev / schnell) or Chroma diffusers folder; with single_file also the BFL files KS trains from
+    (the transformer there, ae / clip_l / t5xxl .safetensors beside it) and their --model_config folder."""
+    from library import tiny_flux
+    from library.tiny_models import save_tiny_pipeline
+
+    pipe = tiny_flux.build(variant, seed)
+    paths = save_tiny_pipeline(pipe, out)
+    if single_file:
+        folder = os.path.dirname(os.path.abspath(single_file))
+        files = tiny_flux.write_bfl_files(pipe, folder, model_config_out or os.path.splitext(single_file)[0]
+                                          + "_config")
+        os.replace(files.pop("transformer"), single_file)
+        paths.update(single_file=single_file, model_config=files.pop("model_config"), **files)
+    return paths
+
+
+class FluxFamily(Family):
+    def text_encoder_cache_key(self, args: argparse.Namespace) -> str:
+        """Cached T5 / CLIP outputs depend on the model type, the T5 length and the mask."""
+        return (f"{getattr(args, 'model_type', 'flux')}-te-{args.t5xxl_max_token_length}-"
+                f"mask{int(bool(args.apply_t5_attn_mask))}")
+
+
+FAMILY = FluxFamily(
+    adapter_class=FluxAdapter, entry_script="flux_train_network.py", prediction_types=("flow", "flow_x0"),
+    options_class=FluxOptions, add_arguments=add_arguments, check=check, text_encoder_cache=True,
+    lora_unet_targets=peft_targets, lora_file_format="peft", detects=is_flux_transformer,
+    base_model_version=base_model_version, write_tiny_model=write_tiny_model,
+    tiny_model_flags=("single_file", "model_config_out"), default_resolution=1024, latent_channels=16)
