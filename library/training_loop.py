@@ -116,7 +116,7 @@ def validate(args: argparse.Namespace, adapter: FamilyAdapter) -> Plan:
     if args.resume:
         checkpointing.check_state_folder(args.resume)
     cache_te = getattr(args, "cache_text_encoder_outputs", False) or getattr(args, "cache_text_encoder_outputs_to_disk", False)
-    if cache_te and not args.network_train_unet_only:
+    if cache_te and not args.network_train_unet_only and not hasattr(adapter, "encode_text_with_cache"):
         raise UserError("--cache_text_encoder_outputs needs --network_train_unet_only (cached outputs cannot train "
                         "text-encoder LoRA)")
     if args.cache_latents_to_disk:
@@ -584,6 +584,10 @@ def _forward_backward(run: Run, batch: dict, micro_step: int):
             latents = adapter.encode_images(models, batch["images"].to(device, torch.float32)).float()
     if batch.get("text_encoder_outputs") is not None:
         conditioning = {k: v.to(device) for k, v in batch["text_encoder_outputs"].items()}
+        if plan.train_text_encoder:  # a partial cache (Flux: T5 cached, the trained CLIP-L runs live)
+            tokens = [t.to(device) for t in adapter.tokenize(models, batch["captions"])]
+            with accelerator.autocast():
+                conditioning = adapter.encode_text_with_cache(models, tokens, conditioning)
     else:
         tokens = [t.to(device) for t in adapter.tokenize(models, batch["captions"])]
         with torch.set_grad_enabled(plan.train_text_encoder), accelerator.autocast():

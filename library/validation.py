@@ -99,10 +99,13 @@ def text_conditioning(adapter: Any, models: Any) -> Conditioning:
     else tokenize + encode_text (under the caller's no_grad)."""
     def encode(batch: dict[str, Any]) -> dict[str, Tensor]:
         device = next(models.text_encoders[0].parameters()).device
+        tokens = lambda: [t.to(device) for t in adapter.tokenize(models, batch["captions"])]  # noqa: E731
         if batch.get("text_encoder_outputs") is not None:
-            return {k: v.to(device) for k, v in batch["text_encoder_outputs"].items()}
-        tokens = [t.to(device) for t in adapter.tokenize(models, batch["captions"])]
-        return adapter.encode_text(models, tokens)
+            cached = {k: v.to(device) for k, v in batch["text_encoder_outputs"].items()}
+            # a partial cache (Flux: the trained CLIP-L runs live), as in training
+            return adapter.encode_text_with_cache(models, tokens(), cached) if hasattr(
+                adapter, "encode_text_with_cache") else cached
+        return adapter.encode_text(models, tokens())
     return encode
 
 

@@ -412,6 +412,19 @@ class FluxAdapter:
             out["pooled_projections"] = clip(tokens[0].to(clip.device)).pooler_output
         return out
 
+    def encode_text_with_cache(self, models: Models, tokens: list[torch.Tensor],
+                               cached: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """KS's partial text-encoder cache: the T5 outputs come from the cache, CLIP-L (whose LoRA may train) runs
+        on every step. A T5 LoRA (train_t5xxl) cannot train from a cache (KS refuses it too)."""
+        t5 = models.text_encoders[-1]
+        if any("forward" in vars(m) for m in t5.modules()):   # LoRA modules patch their org modules' forward
+            raise UserError("--cache_text_encoder_outputs: T5-XXL is trained (network_args train_t5xxl=True), so "
+                            "its outputs cannot come from a cache; drop one of them")
+        if len(models.text_encoders) == 1:
+            return cached
+        clip = models.text_encoders[0]
+        return {**cached, "pooled_projections": clip(tokens[0].to(clip.device)).pooler_output}
+
     def predict(self, models: Models, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                 conditioning: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
         """The transformer's output unpacked to [B, C, H, W] (+ x_σ with --model_prediction_type additive).
