@@ -125,7 +125,7 @@ class FluxLoRAModule(torch.nn.Module):
             if self.module_dropout is not None and self.training and torch.rand(1).item() < self.module_dropout:
                 return out
             down = self.lora_down[i] if self.split else self.lora_down
-            lx = down(x)
+            lx = down(x.to(down.weight.dtype))   # fp32 LoRA on a half model without autocast (CPU)
             if self.dropout is not None and self.training:
                 lx = torch.nn.functional.dropout(lx, p=self.dropout)
             scale = self.scale
@@ -134,7 +134,7 @@ class FluxLoRAModule(torch.nn.Module):
                 lx = lx * keep.view(lx.shape[0], *([1] * (lx.dim() - 2)), self.lora_dim)
                 scale = scale / (1.0 - self.rank_dropout)
             up = self.lora_up[i].weight if self.split else self.lora_up.weight[self._rows(i)]
-            return out + torch.nn.functional.linear(lx, up) * (self.multiplier * scale)
+            return out + (torch.nn.functional.linear(lx, up) * (self.multiplier * scale)).to(out.dtype)
         return forward
 
     def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
