@@ -154,14 +154,17 @@ def _fast() -> dict:
 @pytest.mark.parametrize("name", list(LOSS_OPTIONS))
 def test_every_loss_option_trains_flux_through_the_engine(models, dataset, tmp_path, baseline, name):
     """Each option trains 2 steps; the LoRA moved away from its zero init, and away from the plain l2 / uniform
-    run's (the option reached the loss or the timesteps); the file's metadata names it."""
+    run's (the option reached the loss or the timesteps); the file's metadata names it. ew is the exception that
+    proves the path: it blends toward d² by the loss map's importance, which is 0 in bins the map has not seen,
+    so over 2 steps it must equal the l2 run bit for bit."""
     from safetensors import safe_open
 
     path = run_inprocess("flux", flux_argv(models["dev"], dataset, str(tmp_path), **_fast(), **LOSS_OPTIONS[name]))
     sd = lora_tensors(path)
     ups = [v for k, v in sd.items() if k.endswith("lora_up.weight")]
     assert all(torch.isfinite(v).all() for v in sd.values()) and any(v.abs().max() > 0 for v in ups)
-    assert any(not torch.equal(sd[k], baseline[k]) for k in sd), "the option changed nothing"
+    changed = any(not torch.equal(sd[k], baseline[k]) for k in sd)
+    assert changed != (name == "ew"), "the option changed nothing" if name != "ew" else "ew differs from l2"
     with safe_open(path, framework="pt") as f:
         metadata = f.metadata()
     assert metadata["ss_base_model_version"] == "flux1"
@@ -333,3 +336,25 @@ def test_make_tiny_model_writes_a_loadable_model(tmp_path, family):
             extra["clip_l"] = str(tmp_path / "bfl" / "clip_l.safetensors")
         loaded = entry.adapter().load(entry.options_class(source, **extra))
         assert isinstance(loaded, Models) and loaded.vae.config.latent_channels == 16
+
+
+@pytest.mark.slow
+def test_two_processes_train_identical_flux_weights(models, dataset, tmp_path):
+    """accelerate launch --num_processes 2 flux_train_network.py: both ranks end with the same LoRA (CLIP-L and
+    transformer) and loss map, with flux_shift, the loss-map sampler and the clustered optimizer."""
+    import subprocess
+    import sys
+
+    from tests.train_helpers import ROOT
+
+    argv = flux_argv(models["dev"], dataset, str(tmp_path / "out"), steps=2, timestep_sampling="loss_map",
+                     timestep_clusters=2, cache_latents=True)
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(ROOT, "flux_train_network.py"), *argv]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 processes: max difference 0" in result.stdout, result.stdout[-2000:]
+    weights = lora_tensors(str(tmp_path / "out" / "lora.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if k.startswith("lora_te1_") and "lora_up" in k)
