@@ -17,7 +17,8 @@ import torch
 from library import flux_convert
 from library.tiny_models import clip_text_config, make_clip_tokenizer, make_t5_tokenizer, tiny_vae
 
-VARIANTS = ("dev", "schnell", "chroma")
+FLUX_VARIANTS = ("dev", "schnell")
+VARIANTS = FLUX_VARIANTS + ("chroma",)
 TINY_WIDTH_HEADS, TINY_HEAD_DIM = 2, 16          # width 32
 TINY_ROPE_AXES = (4, 6, 6)                       # sums to the head dim, as (16, 56, 56) does for 128
 FLUX_VAE = dict(scaling_factor=0.3611, shift_factor=0.1159)   # BFL ae: z = (E(x) − shift)·scale
@@ -54,7 +55,7 @@ def build_flux(seed: int = 0, variant: str = "dev"):
     from diffusers import FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
-    if variant not in ("dev", "schnell"):
+    if variant not in FLUX_VARIANTS:
         raise ValueError(variant)
     torch.manual_seed(seed)
     clip_tokenizer = make_clip_tokenizer(tempfile.mkdtemp())
@@ -85,7 +86,7 @@ def build_chroma(seed: int = 0):
 
 
 def build(variant: str, seed: int = 0):
-    return build_chroma(seed) if variant == "chroma" else build_flux(seed, variant)
+    return build_flux(seed, variant) if variant in FLUX_VARIANTS else build_chroma(seed)
 
 
 def write_bfl_files(pipe, out_dir: str, config_dir: str | None = None) -> dict[str, str]:

@@ -100,6 +100,6 @@ def test_every_entry_is_complete(family):
 
 
 def test_unknown_family_names_the_known_ones():
-    with pytest.raises(ValueError, match="known: sd1, sd2, sdxl, sd3"):
-        families.get_family("flux")
-    assert families.kind_of("flux") is None and families.kind_of("sd2") == "ddpm"
+    with pytest.raises(ValueError, match="known: sd1, sd2, sdxl, sd3, flux, chroma"):
+        families.get_family("pixart")
+    assert families.kind_of("pixart") is None and families.kind_of("sd2") == "ddpm"
