@@ -31,8 +31,9 @@ from library import flux_convert
 from library.errors import UserError, closest
 from library.fileio import atomic_write
 from networks.hashing import precalculate_safetensors_hashes
-from networks.lora import _check_neuron_dropout, _check_rank_and_alpha, read_lora_file
+from networks.lora import read_lora_file
 from networks.lora_keys import _linear_or_conv_in, unwrap
+from networks.lora_options import check_rank_and_alpha
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class FluxLoRAModule(torch.nn.Module):
         self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
         self.org_modules_ref = list(org_modules)   # a list: the org modules must not become submodules
         self.org_forwards: list = []
+        self.patched_before: list[bool] = []
         self.module_paths: list[str] = []
         self.is_text_encoder = lora_name.startswith("lora_te")
 
@@ -101,13 +103,17 @@ class FluxLoRAModule(torch.nn.Module):
         """Route each org module's forward through its part of this LoRA."""
         if self.org_forwards:
             return
+        self.patched_before = [("forward" in vars(m)) for m in self.org_modules_ref]  # e.g. --fp8_base's forward
         for i, module in enumerate(self.org_modules_ref):
             self.org_forwards.append(module.forward)
             module.forward = self._part_forward(i)
 
     def restore(self) -> None:
-        for module in self.org_modules_ref:
-            if "forward" in vars(module):
+        """Undo apply_to: each org module computes what it did before (its own or a previous patch's forward)."""
+        for module, forward, was_patched in zip(self.org_modules_ref, self.org_forwards, self.patched_before):
+            if was_patched:
+                module.forward = forward
+            elif "forward" in vars(module):
                 del module.forward
         self.org_forwards = []
 
@@ -135,6 +141,7 @@ class FluxLoRAModule(torch.nn.Module):
                 scale = scale / (1.0 - self.rank_dropout)
             up = self.lora_up[i].weight if self.split else self.lora_up.weight[self._rows(i)]
             return out + (torch.nn.functional.linear(lx, up) * (self.multiplier * scale)).to(out.dtype)
+        forward.is_lora = True
         return forward
 
     def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -589,12 +596,28 @@ def _param_groups(loras: list[FluxLoRAModule], lr, loraplus_ratio: float | None)
 # =========================================================================================================
 # KS entry points
 # =========================================================================================================
+FLUX_TRANSFORMERS = ("FluxTransformer2DModel", "ChromaTransformer2DModel")
+
+
+def validate_network_args(network_args: dict, family: str, network_dim=None, network_alpha=None,
+                          network_dropout=None, scale_weight_norms=None) -> FluxNetworkOptions:
+    """--network_args, --network_dim / --network_alpha / --network_dropout, before any model loads
+    (networks/network_args.py calls it). Block indices are checked against the model once it is loaded."""
+    check_rank_and_alpha(network_dim, network_alpha, network_dropout)
+    return FluxNetworkOptions.parse(network_args)
+
+
+def _check_transformer(flux) -> None:
+    if type(unwrap(flux)).__name__ not in FLUX_TRANSFORMERS:
+        raise UserError(f"--network_module networks.lora_flux: is for Flux.1 / Chroma (flux_train_network.py), not "
+                        f"a {type(unwrap(flux)).__name__}; use networks.lora")
+
+
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoders,
                    flux, neuron_dropout: float | None = None, **kwargs) -> FluxLoRANetwork:
     """KS create_network: network_dim None -> 4, network_alpha None -> 1.0; kwargs are --network_args."""
-    dim, alpha, neuron_dropout = _check_rank_and_alpha(4 if network_dim is None else network_dim,
-                                                       1.0 if network_alpha is None else network_alpha,
-                                                       neuron_dropout)
+    _check_transformer(flux)
+    dim, alpha, neuron_dropout = check_rank_and_alpha(network_dim, network_alpha, neuron_dropout)
     return FluxLoRANetwork(text_encoders, flux, multiplier, dim, alpha, neuron_dropout,
                            FluxNetworkOptions.parse(kwargs))
 
@@ -604,6 +627,7 @@ def create_network_from_weights(multiplier: float, file: str | None, vae, text_e
                                 neuron_dropout: float | None = None, **kwargs) -> tuple[FluxLoRANetwork, dict]:
     """KS create_network_from_weights: one module per module in the file with its rank and alpha (fused; a
     split_qkv file loads as one rank-k·r LoRA, the same ΔW). Returns (network, weights)."""
+    _check_transformer(flux)
     if weights_sd is None:
         weights_sd, _ = read_lora_file(file)
     modules_dim, modules_alpha = {}, {}
@@ -614,7 +638,8 @@ def create_network_from_weights(multiplier: float, file: str | None, vae, text_e
         elif param == "alpha":
             modules_alpha[name] = float(value.float())
     options = FluxNetworkOptions.parse({k: v for k, v in kwargs.items() if k != "split_qkv"})
-    network = FluxLoRANetwork(text_encoders, flux, multiplier, dropout=_check_neuron_dropout(neuron_dropout),
+    network = FluxLoRANetwork(text_encoders, flux, multiplier, dropout=check_rank_and_alpha(None, None,
+                                                                                           neuron_dropout)[2],
                               options=options, modules_dim=modules_dim, modules_alpha=modules_alpha)
     missing = sorted(set(modules_dim) - {l.lora_name for l in network.text_encoder_loras + network.unet_loras})
     if missing:

@@ -226,8 +226,7 @@ def test_latents_are_shifted_and_scaled(loaded, tiny):
 # Flag rules and errors
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs,flag", [
-    (dict(split_mode=True), "--split_mode"), (dict(fp8_base=True), "--fp8_base"),
-    (dict(cpu_offload_checkpointing=True), "--cpu_offload_checkpointing"),
+    (dict(split_mode=True), "--split_mode"),
     (dict(v_parameterization=True), "--v_parameterization"), (dict(max_token_length=225), "--max_token_length"),
     (dict(t5xxl_max_token_length=1000), "--t5xxl_max_token_length"),
     (dict(model_type="chroma", guidance_scale=1.0), "--guidance_scale"),

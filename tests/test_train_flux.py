@@ -208,7 +208,7 @@ lr_scheduler = "constant"
 sdpa = true
 max_train_epochs = 2
 save_every_n_epochs = 1
-mixed_precision = "fp16"
+mixed_precision = "bf16"
 gradient_checkpointing = true
 guidance_scale = 1.0
 timestep_sampling = "flux_shift"
@@ -242,7 +242,8 @@ min_bucket_reso = 64
 @pytest.mark.slow
 def test_ks_flux_recipe_trains_unchanged_but_for_paths(models, dataset, tmp_path):
     """KS docs/flux_train_network.md's command (as a --config_file; epochs 10 -> 2, --model_config because the tiny
-    model is not the shipped full-size architecture) with the docs' dataset TOML (resolution 1024 -> 64 with
+    model is not the shipped full-size architecture, mixed_precision fp16 -> bf16: CPU has no fp16 autocast, and
+    fp16 without a GPU is refused) with the docs' dataset TOML (resolution 1024 -> 64 with
     min_bucket_reso 64 to stay tiny; flip_aug false: KS caches flipped latents too, our data layer refuses
     flip_aug with --cache_latents)."""
     paths = models["dev"]
@@ -252,11 +253,15 @@ def test_ks_flux_recipe_trains_unchanged_but_for_paths(models, dataset, tmp_path
         config=paths["model_config"], dataset=tmp_path / "dataset.toml", out=tmp_path / "out"))
     from accelerate.state import AcceleratorState, GradientState
 
-    try:
-        final = run_inprocess("flux", ["--config_file", str(tmp_path / "run.toml")])
-    finally:  # the recipe's fp16 accelerator must not outlive the test (accelerate's state is process-wide)
+    def reset():  # accelerate's state is process-wide: the recipe's bf16 accelerator neither inherits nor leaks
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+    reset()
+    try:
+        final = run_inprocess("flux", ["--config_file", str(tmp_path / "run.toml")])
+    finally:
+        reset()
     assert os.path.basename(final) == "my_flux_lora.safetensors"
     assert os.path.isfile(tmp_path / "out" / "my_flux_lora-000001.safetensors")
     sd = lora_tensors(final)
@@ -285,7 +290,7 @@ def test_refusals_happen_before_any_model_loads(tmp_path, dataset):
 
     argv = ["--pretrained_model_name_or_path", str(tmp_path), "--train_data_dir", dataset,
             "--output_dir", str(tmp_path)]
-    for extra, match in ((["--split_mode"], "--split_mode"), (["--fp8_base"], "--fp8_base"),
+    for extra, match in ((["--split_mode"], "--split_mode"), (["--model_type", "chroma", "--clip_l", "x"], "--clip_l"),
                          (["--v_parameterization"], "--v_parameterization"),
                          (["--timestep_sampling", "sigma", "--timestep_shift", "2"], "--timestep_shift")):
         os.makedirs(tmp_path / "transformer", exist_ok=True)   # a folder that is not a loadable model

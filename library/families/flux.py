@@ -54,9 +54,6 @@ class FluxOptions(ModelOptions):
     model_prediction_type: str = "sigma_scaled"
     blocks_to_swap: int | None = None
     split_mode: bool = False
-    cpu_offload_checkpointing: bool = False
-    fp8_base: bool = False
-    fp8_base_unet: bool = False
     controlnet_model_name_or_path: str | None = None
     disable_mmap_load_safetensors: bool = False
     tokenizer_cache_dir: str | None = None
@@ -80,9 +77,6 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--blocks_to_swap", type=int, default=None,
                        help="KS: swap this many transformer blocks between CPU and GPU (see docs/flux.md)")
     group.add_argument("--split_mode", action="store_true", help="KS: deprecated; refused (use --blocks_to_swap)")
-    group.add_argument("--cpu_offload_checkpointing", action="store_true", help="KS: refused (see docs/flux.md)")
-    group.add_argument("--fp8_base", action="store_true", help="KS: refused (see docs/flux.md)")
-    group.add_argument("--fp8_base_unet", action="store_true", help="KS: refused (see docs/flux.md)")
     group.add_argument("--controlnet_model_name_or_path", type=str, default=None, help="KS: refused")
     group.add_argument("--disable_mmap_load_safetensors", action="store_true",
                        help="accepted for KS compatibility (no effect here)")
@@ -100,12 +94,6 @@ def check(opts: FluxOptions) -> None:
         "--clip_skip": (getattr(opts, "clip_skip", None) is not None, "Flux uses CLIP-L's pooled output; drop it"),
         "--max_token_length": (opts.max_token_length is not None, "use --t5xxl_max_token_length for T5"),
         "--split_mode": (opts.split_mode, "deprecated in KS; use --blocks_to_swap (it trains the same network)"),
-        "--cpu_offload_checkpointing": (opts.cpu_offload_checkpointing,
-                                        "not built: gradient checkpoints stay on the training device; drop it or "
-                                        "use --blocks_to_swap"),
-        "--fp8_base": (opts.fp8_base or opts.fp8_base_unet,
-                       "fp8 base weights are not built here; use --mixed_precision bf16 (the frozen model runs in "
-                       "bf16) and --blocks_to_swap to save memory"),
         "--controlnet_model_name_or_path": (opts.controlnet_model_name_or_path is not None,
                                             "training a LoRA with a ControlNet is not built here; drop it"),
         "--clip_l": (chroma and opts.clip_l is not None, "Chroma has no CLIP-L; drop --clip_l"),
@@ -417,7 +405,7 @@ class FluxAdapter:
         """KS's partial text-encoder cache: the T5 outputs come from the cache, CLIP-L (whose LoRA may train) runs
         on every step. A T5 LoRA (train_t5xxl) cannot train from a cache (KS refuses it too)."""
         t5 = models.text_encoders[-1]
-        if any("forward" in vars(m) for m in t5.modules()):   # LoRA modules patch their org modules' forward
+        if any(getattr(vars(m).get("forward"), "is_lora", False) for m in t5.modules()):  # a LoRA-patched layer
             raise UserError("--cache_text_encoder_outputs: T5-XXL is trained (network_args train_t5xxl=True), so "
                             "its outputs cannot come from a cache; drop one of them")
         if len(models.text_encoders) == 1:
