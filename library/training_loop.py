@@ -128,7 +128,8 @@ def validate(args: argparse.Namespace, adapter: FamilyAdapter) -> Plan:
     optimizers.validate_optimizer_options(args.optimizer_type, args.optimizer_args)
     network_kwargs = network_args_lib.validate(
         args.network_module, args.network_args, family, network_dim=args.network_dim, network_alpha=args.network_alpha,
-        network_dropout=args.network_dropout, scale_weight_norms=getattr(args, "scale_weight_norms", None))
+        network_dropout=args.network_dropout, scale_weight_norms=getattr(args, "scale_weight_norms", None),
+        fp8_base=bool(getattr(args, "fp8_base", False) or getattr(args, "fp8_base_unet", False)))
 
     model = get_family(family).options(args)
     # The model path and the family's own flag rules are checked here too, before anything heavy loads.

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from library.fileio import atomic_write
+from library.memory_modes import base_weight
 from library.errors import UserError
 from library.families import get_family
 from networks.hashing import precalculate_safetensors_hashes
@@ -167,11 +168,11 @@ class DoRAModule(LoRAModule):
 
     def __init__(self, lora_name: str, org_module: torch.nn.Module, *args, **kwargs):
         super().__init__(lora_name, org_module, *args, **kwargs)
-        self.dora_scale = torch.nn.Parameter(column_norm(org_module.weight.detach().float()))
+        self.dora_scale = torch.nn.Parameter(column_norm(base_weight(org_module)))
 
     def decomposed_delta(self) -> torch.Tensor:
-        """W' − W in fp32."""
-        weight = self.org_module.weight.float()
+        """W' − W in fp32 (W dequantized when --fp8_base stores it in fp8)."""
+        weight = base_weight(self.org_module)
         merged = weight + self.delta_weight()
         return merged * (self.dora_scale / column_norm(merged).detach()) - weight
 

@@ -68,7 +68,7 @@ _KS_LORA_ONLY = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_al
 
 
 def validate_network_args(network_args: dict, family: str, network_dim=None, network_alpha=None,
-                          network_dropout=None, **_ignored) -> dict:
+                          network_dropout=None, fp8_base: bool = False, **_ignored) -> dict:
     """Raise UserError on unknown keys, bad values, an unknown algo or preset, or an option the algo ignores."""
     try:
         from lycoris.config import PRESET
@@ -83,6 +83,9 @@ def validate_network_args(network_args: dict, family: str, network_dim=None, net
         raise UserError(f"--network_alpha: {network_alpha!r} must be >= 0")
     if network_dropout is not None:
         raise UserError("--network_dropout is not read by lycoris.kohya; use --network_args dropout=P")
+    if fp8_base:
+        raise UserError("--fp8_base/--fp8_base_unet with lycoris.kohya: LyCORIS 3.4.0 computes with the frozen weight "
+                        "tensor itself, which fp8 storage scales per channel; drop --fp8_base or use networks.lora")
     if get_family(family).lora_file_format != "kohya":
         raise UserError(f"--network_module lycoris.kohya: {family} LoRA files use diffusers keys, which LyCORIS "
                         "does not write; use networks.lora for this family")

@@ -45,7 +45,7 @@ def _support(network_module: str):
 
 
 def validate(network_module: str, items: list[str] | None, family: str, network_dim=None, network_alpha=None,
-             network_dropout=None, scale_weight_norms: float | None = None) -> dict[str, str]:
+             network_dropout=None, scale_weight_norms: float | None = None, fp8_base: bool = False) -> dict[str, str]:
     """Check --network_args (and the rank / alpha / dropout flags) for `network_module` on `family`; returns the
     key -> string dict the module's create_network receives as **kwargs (KS passes the strings)."""
     network_kwargs = split_network_args(items)
@@ -55,7 +55,7 @@ def validate(network_module: str, items: list[str] | None, family: str, network_
     validator = validator_for(network_module)
     if validator is not None:
         validator(network_kwargs, family, network_dim=network_dim, network_alpha=network_alpha,
-                  network_dropout=network_dropout, scale_weight_norms=scale_weight_norms)
+                  network_dropout=network_dropout, scale_weight_norms=scale_weight_norms, fp8_base=fp8_base)
     return network_kwargs
 
 

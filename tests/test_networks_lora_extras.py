@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from library.tiny_models import build_sd15, build_sdxl
-from networks.lora import DoRAModule, create_network, create_network_from_weights
+from networks.lora import DoRAModule, column_norm, create_network, create_network_from_weights
 
 
 def randomise(network, seed=0, std=0.2, down_std=None):
@@ -277,3 +277,29 @@ def test_trainer_scale_weight_norms_bounds_the_saved_file(tmp_path, monkeypatch)
     assert norms(bounded).max() <= 0.02 * (1 + 1e-4) < norms(free).max()
     assert [bool(logs) for logs in logged] == [True] * 3 + [False] * 3 and logged[2]["max_norm/keys_scaled"] > 0
     assert logged[2]["max_norm/max_key_norm"] == pytest.approx(0.02, rel=1e-4)
+
+
+def test_dora_on_fp8_stored_base_weights_uses_the_dequantized_weight():
+    """--fp8_base stores W as per-channel scaled fp8: DoRA's m and ‖W + ΔW‖_c must use the dequantized W."""
+    from library.memory_modes import base_weight, store_weights_fp8
+
+    pipe = build_sd15(seed=0)
+    pipe.unet.requires_grad_(False)
+    store_weights_fp8(pipe.unet, torch.float32)
+    network = create_network(1.0, 4, 2, None, None, pipe.unet, dora_wd="True")
+    network.apply_to(None, pipe.unet, False, True)
+    randomise(network)
+    with torch.no_grad():
+        for lora in network.unet_loras[:5]:
+            weight = base_weight(lora.org_module)
+            torch.testing.assert_close(lora.dora_scale, column_norm(weight) * 1.0)
+            want = comfy_weight_decompose(lora.dora_scale, weight, lora.delta_weight() / lora.scale, lora.scale, 1.0)
+            torch.testing.assert_close(lora.decomposed_delta(), want - weight, rtol=1e-4, atol=1e-6)
+
+
+def test_lycoris_refuses_fp8_base_before_loading():
+    from library.errors import UserError
+    from networks import network_args as network_args_lib
+
+    with pytest.raises(UserError, match="--fp8_base"):
+        network_args_lib.validate("lycoris.kohya", ["algo=lokr"], "sdxl", fp8_base=True)
