@@ -229,6 +229,8 @@ class LossConfig:
             if not self.needs_loss_map:
                 raise UserError("--loss_map_init: has no effect without a loss map (--timestep_sampling loss_map, "
                                 "--loss_map_offset, --loss_type ew or --clustered_mse_mode kmeans); remove it")
+            from library.loss_map import LossMap
+            LossMap(NUM_TRAIN_TIMESTEPS).load_any(self.loss_map_init, "--loss_map_init")  # a bad file fails here
         _positive("huber_c", self.huber_c)
         _positive("huber_scale", self.huber_scale)
         _positive("logit_std", self.logit_std)

@@ -387,3 +387,33 @@ def test_learned_weighting_with_every_family_and_the_loss_map(family, prediction
     assert e.learned.net.out.bias.grad is not None
     e.record(result, levels)
     assert not torch.all(e.loss_map.values == 1.0)
+
+
+def test_loss_files_and_tensorboard_image(tmp_path):
+    from library import loss_outputs
+    from library.metrics import LossMetrics
+
+    e = engine(loss_weighting="learned", loss_map_offset=True)
+    metrics = LossMetrics(heatmap_every=1000)
+    levels = e.sample_levels(0, 8)
+    metrics.observe(levels.bins, torch.rand(8))
+    assert metrics.add_heatmap_row(3) and metrics.add_heatmap_row(3) and len(metrics.heatmap_steps) == 1
+    written = loss_outputs.write_loss_files(e, metrics, str(tmp_path), "run-")
+    names = sorted(os.path.basename(p) for p in written)
+    assert names == ["run-learned_weighting.png", "run-learned_weighting.safetensors", "run-loss_heatmap.png",
+                     "run-loss_map.csv", "run-loss_map.png"]
+    image = loss_outputs.learned_weighting_image(e)
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    assert LossMetrics().add_heatmap_row(5) is False  # nothing seen yet: no row
+
+
+def test_a_bad_loss_map_init_file_is_refused_up_front(tmp_path):
+    import argparse
+    from library import loss_config
+
+    (tmp_path / "m.csv").write_text("bin,loss\n0,1\n", encoding="utf-8")
+    parser = argparse.ArgumentParser()
+    loss_config.add_arguments(parser)
+    args = parser.parse_args(["--loss_map_init", str(tmp_path / "m.csv"), "--loss_map_offset"])
+    with pytest.raises(UserError, match="--loss_map_init: .*999 of the 1000 bins have no row"):
+        LossConfig.from_args(args, "sd1", "epsilon")
