@@ -281,3 +281,23 @@ def test_fp16_on_cpu_is_refused_before_any_model_loads(tmp_path):
         pytest.skip("a GPU is present")
     with pytest.raises(UserError, match="--mixed_precision fp16"):
         training_loop.validate(train_util.parse_args("sd1", argv), get_adapter("sd1"))
+
+
+def test_full_fp16_lets_the_grad_scaler_unscale_fp16_gradients():
+    """accelerate's GradScaler refuses fp16 gradients; --full_fp16 allows them (KS patch_accelerator_for_fp16_training).
+    Checked with torch's CPU GradScaler: grad 2 scaled by 4, unscaled back to 2, SGD lr 0.5 takes 1 to 0."""
+    def scaled_step(scaler):
+        p = torch.nn.Parameter(torch.ones(4, dtype=torch.float16))
+        optimizer = torch.optim.SGD([p], lr=0.5)
+        scaler.scale((p.float() * 2).sum()).backward()
+        return p, optimizer
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    p, optimizer = scaled_step(scaler)
+    with pytest.raises(ValueError, match="FP16 gradients"):
+        scaler.unscale_(optimizer)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    mm.prepare_accelerator(SimpleNamespace(scaler=scaler), mm.MemoryOptions(full_dtype=torch.float16))
+    p, optimizer = scaled_step(scaler)
+    scaler.step(optimizer)
+    assert torch.equal(p.grad, torch.full_like(p, 2.0)) and torch.equal(p, torch.zeros_like(p))
