@@ -71,6 +71,7 @@ def training_metadata(args: argparse.Namespace, family: str, *, num_train_images
         "ss_color_aug": args.color_aug,
         "ss_random_crop": args.random_crop,
     }
+    md.update(get_family(family).extra_metadata(args))
     md.update(loss_metadata)
     md.update(dataset_metadata)
     return {k: (v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list)) else str(v))

@@ -170,6 +170,8 @@ def test_every_loss_option_trains_flux_through_the_engine(models, dataset, tmp_p
     assert metadata["ss_base_model_version"] == "flux1"
     assert metadata["ss_loss_type"] == LOSS_OPTIONS[name].get("loss_type", "l2")
     assert metadata["ss_prediction_type"] == ("flow_x0" if name == "sigma_scaled" else "flow")
+    assert (metadata["ss_model_type"], metadata["ss_guidance_scale"]) == ("flux", "1.0")
+    assert metadata["ss_model_prediction_type"] == LOSS_OPTIONS[name].get("model_prediction_type", "raw")
 
 
 def test_ks_sigma_sampling_is_the_scheme_sampler_shifted(tmp_path):
@@ -363,3 +365,30 @@ def test_two_processes_train_identical_flux_weights(models, dataset, tmp_path):
     assert "on 2 processes: max difference 0" in result.stdout, result.stdout[-2000:]
     weights = lora_tensors(str(tmp_path / "out" / "lora.safetensors"))
     assert any(v.abs().sum() > 0 for k, v in weights.items() if k.startswith("lora_te1_") and "lora_up" in k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["dev", "chroma"])
+def test_samples_and_validation_loss(models, tmp_path, capsys, variant):
+    """--sample_prompts renders with FluxPipeline / ChromaPipeline (LoRA active) and --validation_split gives a
+    finite validation loss, from a partial text-encoder cache on Flux (CLIP-L trains, T5 cached)."""
+    import glob
+    import math
+
+    data = tmp_path / "data"
+    make_images(str(data / "2_sks photo"), 4, size=(64, 64))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("sks photo --n blurry --w 64 --h 64 --s 2 --l 2.0 --d 7\n")
+    script = "chroma" if variant == "chroma" else "flux"
+    path = run_inprocess(script, flux_argv(models[variant], str(data), str(tmp_path / "out"), steps=2,
+                                           sample_prompts=str(prompts), sample_every_n_steps=2,
+                                           validation_split=0.5, validate_every_n_steps=1, validation_timesteps=2,
+                                           cache_text_encoder_outputs=True, cache_latents=True))
+    images = glob.glob(str(tmp_path / "out" / "sample" / "*.png"))
+    assert len(images) == 1 and "_7" in os.path.basename(images[0])
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata()["ss_base_model_version"] == ("chroma" if variant == "chroma" else "flux1")
+    losses = [float(line.rsplit(" ", 1)[1]) for line in capsys.readouterr().out.splitlines()
+              if "validation loss" in line]
+    assert len(losses) == 2 and all(math.isfinite(v) and v > 0 for v in losses)

@@ -108,6 +108,8 @@ class Family:
     lora_block_layout: Any = None
     # metadata: ss_base_model_version from the parsed flags
     base_model_version: Callable[[argparse.Namespace], str] = lambda args: ""
+    # metadata: the family's own ss_* keys (KS writes e.g. Flux's ss_guidance_scale), values as given
+    extra_metadata: Callable[[argparse.Namespace], dict] = lambda args: {}
     # tools: tiny model writer (tools/make_tiny_model.py) and what tools/show_timesteps.py draws with
     write_tiny_model: Callable[..., dict] = _no_tiny_model
     tiny_model_flags: tuple[str, ...] = ()               # make_tiny_model flags the writer takes (besides --out, --seed)

@@ -40,6 +40,6 @@ FAMILY = flux.FluxFamily(
     adapter_class=ChromaAdapter, entry_script="chroma_train_network.py", prediction_types=("flow", "flow_x0"),
     options_class=ChromaOptions, add_arguments=add_arguments, check=check, text_encoder_cache=True,
     lora_unet_targets=flux.peft_targets, lora_file_format="peft", detects=is_chroma_transformer,
-    base_model_version=flux.base_model_version,
+    base_model_version=flux.base_model_version, extra_metadata=flux.extra_metadata,
     write_tiny_model=functools.partial(flux.write_tiny_model, variant="chroma"),
     tiny_model_flags=("single_file", "model_config_out"), default_resolution=1024, latent_channels=16)

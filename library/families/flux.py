@@ -493,6 +493,14 @@ def base_model_version(args: argparse.Namespace) -> str:
     return "chroma" if getattr(args, "model_type", "flux") == "chroma" else "flux1"
 
 
+def extra_metadata(args: argparse.Namespace) -> dict:
+    """KS flux_train_network.update_metadata's model keys (the loss / timestep ones come from the loss config)."""
+    return {"ss_model_type": args.model_type, "ss_apply_t5_attn_mask": args.apply_t5_attn_mask,
+            "ss_guidance_scale": args.guidance_scale, "ss_model_prediction_type": args.model_prediction_type,
+            "ss_discrete_flow_shift": args.discrete_flow_shift,
+            "ss_t5xxl_max_token_length": args.t5xxl_max_token_length}
+
+
 def write_tiny_model(out: str, seed: int = 0, single_file: str | None = None, model_config_out: str | None = None,
                      variant: str = "dev") -> dict:
     """A tiny Flux (dev / schnell) or Chroma diffusers folder; with single_file also the BFL files KS trains from
@@ -522,5 +530,5 @@ FAMILY = FluxFamily(
     adapter_class=FluxAdapter, entry_script="flux_train_network.py", prediction_types=("flow", "flow_x0"),
     options_class=FluxOptions, add_arguments=add_arguments, check=check, text_encoder_cache=True,
     lora_unet_targets=peft_targets, lora_file_format="peft", detects=is_flux_transformer,
-    base_model_version=base_model_version, write_tiny_model=write_tiny_model,
+    base_model_version=base_model_version, extra_metadata=extra_metadata, write_tiny_model=write_tiny_model,
     tiny_model_flags=("single_file", "model_config_out"), default_resolution=1024, latent_channels=16)
