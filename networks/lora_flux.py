@@ -600,7 +600,7 @@ FLUX_TRANSFORMERS = ("FluxTransformer2DModel", "ChromaTransformer2DModel")
 
 
 def validate_network_args(network_args: dict, family: str, network_dim=None, network_alpha=None,
-                          network_dropout=None, scale_weight_norms=None) -> FluxNetworkOptions:
+                          network_dropout=None, scale_weight_norms=None, **_ignored) -> FluxNetworkOptions:
     """--network_args, --network_dim / --network_alpha / --network_dropout, before any model loads
     (networks/network_args.py calls it). Block indices are checked against the model once it is loaded."""
     check_rank_and_alpha(network_dim, network_alpha, network_dropout)
