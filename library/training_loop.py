@@ -657,6 +657,7 @@ def _cache_text_encoder_outputs(args, adapter, models, group, accelerator) -> No
 
 
 def _make_network(args, plan: Plan, models):
+    from networks import lora_format
     network_module = importlib.import_module(args.network_module)
     text_encoders = models.text_encoders if len(models.text_encoders) > 1 else models.text_encoders[0]
     if args.dim_from_weights:
@@ -669,6 +670,7 @@ def _make_network(args, plan: Plan, models):
     if getattr(args, "scale_weight_norms", None):
         network_args_lib.check_network_supports_max_norm(network, args.network_module)
     network.apply_to(text_encoders, models.denoiser, plan.train_text_encoder, plan.train_unet)
+    lora_format.apply(network, args)  # --lora_format (SD3 family flag): peft | kohya keys
     if args.network_weights:  # with --dim_from_weights too: the shapes came from the file, so do the weights
         info = network_args_lib.load_network_weights(network, args.network_module, args.network_weights,
                                                      models.denoiser)

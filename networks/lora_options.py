@@ -146,7 +146,8 @@ _NOT_HERE = {
 }
 for _key in ("context_attn_dim", "context_mlp_dim", "context_mod_dim", "x_attn_dim", "x_mlp_dim", "x_mod_dim",
              "emb_dims", "split_qkv", "train_t5xxl"):
-    _NOT_HERE[_key] = "KS's SD3-network option is not built here (SD3 LoRA targets the attention projections)"
+    _NOT_HERE[_key] = ("an option of KS's SD3 network: use --network_module networks.lora_sd3 (networks.lora "
+                       "targets SD3's attention projections only)")
 
 
 def _fail(key: str, raw, reason: str, example: str) -> UserError:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from library.errors import UserError
-from library.families import loading
+from library.families import loading, sd3_flags
 from library.families.base import Family, ModelOptions, Models
 from library.sd3_convert import CLIP_G_PREFIX, CLIP_L_PREFIX, MMDIT_PREFIX, T5_PREFIX
 from networks import lora_keys
@@ -42,6 +42,17 @@ class SD3Options(ModelOptions):
     clip_l: str | None = None            # separate text-encoder files (KS flags)
     clip_g: str | None = None
     t5xxl: str | None = None             # a file, or "none" to train without T5
+    lora_format: str = "peft"            # LoRA file keys: peft (diffusers) | kohya (KS networks.lora_sd3)
+    # KS sd3_train_network.py flags (library/families/sd3_flags.py)
+    apply_lg_attn_mask: bool = False
+    apply_t5_attn_mask: bool = False
+    t5xxl_dtype: str | None = None
+    clip_l_dropout_rate: float = 0.0
+    clip_g_dropout_rate: float = 0.0
+    t5_dropout_rate: float = 0.0
+    pos_emb_random_crop_rate: float = 0.0
+    enable_scaled_pos_embed: bool = False
+    blocks_to_swap: int | None = None
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
@@ -52,6 +63,11 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--clip_l", type=str, default=None, help="CLIP-L weights when the checkpoint has none")
     group.add_argument("--clip_g", type=str, default=None, help="CLIP-G weights when the checkpoint has none")
     group.add_argument("--t5xxl", type=str, default=None, help="T5-XXL weights, or 'none' to train without T5")
+    group.add_argument("--lora_format", type=str, default="peft", choices=("peft", "kohya"),
+                       help="LoRA file keys: peft (transformer.*.lora_A/B: diffusers and ComfyUI load it; default) or "
+                            "kohya (KS lora_unet_joint_blocks_*: KS and ComfyUI; needs --network_module "
+                            "networks.lora_sd3). docs/lora-format.md")
+    sd3_flags.add_arguments(group)
 
 
 def _component_path(opts: SD3Options, name: str) -> str | None:
@@ -70,6 +86,7 @@ def check_options(opts: SD3Options) -> None:
     for flag, (given, why) in rejected.items():
         if given:
             raise UserError(f"{flag}: not supported for SD3: {why}")
+    sd3_flags.check(opts)
     if opts.t5xxl_max_token_length < 1:
         raise UserError(f"--t5xxl_max_token_length: must be ≥ 1, got {opts.t5xxl_max_token_length}; 256 is the "
                         "SD3 default (77 is enough for short captions)")
@@ -181,6 +198,22 @@ def _t5_from_state_dict(state_dict: dict[str, torch.Tensor], config_dir: str, op
     return t5
 
 
+def _to(mask: torch.Tensor | None, module: torch.nn.Module) -> torch.Tensor | None:
+    return None if mask is None else mask.to(module.device)
+
+
+def _t5_in_dtype(t5: Any, dtype: torch.dtype) -> Any:
+    """--t5xxl_dtype: T5 in that dtype; in fp16 its feed-forward output stays fp32 (transformers'
+    _keep_in_fp32_modules, as from_pretrained does)."""
+    t5.to(dtype)
+    if dtype == torch.float16:
+        keep = set(type(t5)._keep_in_fp32_modules or ())
+        for name, module in t5.named_modules():
+            if name.rpartition(".")[2] in keep:
+                module.float()
+    return t5
+
+
 def _load_single_file(opts: SD3Options, path: str) -> tuple[Any, Any, list, list, dict, str]:
     """(transformer, vae, text encoders, tokenizers, scheduler config, architecture dir) from an SAI file."""
     config_dir = loading.config_dir_for(FAMILY_KEY, opts.model_config)
@@ -262,10 +295,19 @@ class SD3Adapter:
             vae = loading.load_vae(opts.vae, config_dir, opts.allow_pickle, opts.weight_dtype)
         for module in (transformer, vae, *encoders):
             module.requires_grad_(False)   # the network wrapper decides what trains
+        sd3_flags.load_note(opts)
+        if len(encoders) > 2 and sd3_flags.t5_dtype(opts) is not None:
+            encoders[2] = _t5_in_dtype(encoders[2], sd3_flags.t5_dtype(opts))
+        sd3_flags.install_pos_emb_random_crop(transformer, opts.pos_emb_random_crop_rate)
+        clip_l, clip_g = encoders[:2]
         return Models(denoiser=transformer, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
                       alphas_cumprod=None, scheduler_config=flow_scheduler_config(scheduler_config),
                       extra={"t5xxl_max_token_length": opts.t5xxl_max_token_length,
-                             "joint_attention_dim": transformer.config.joint_attention_dim})
+                             "joint_attention_dim": transformer.config.joint_attention_dim,
+                             "clip_widths": (clip_l.config.hidden_size, clip_g.config.hidden_size),
+                             "pooled_widths": (clip_l.config.projection_dim, clip_g.config.projection_dim),
+                             "clip_length": tokenizers[0].model_max_length,
+                             **sd3_flags.extra(opts, tokenizers)})
 
     def encode_images(self, models: Models, images: torch.Tensor,
                       generator: torch.Generator | None = None) -> torch.Tensor:
@@ -292,13 +334,17 @@ class SD3Adapter:
         c = [pad(cat(h_L[-2], h_G[-2]), to D_T5) ; T5(ids) or 0^{B×N×D}] along the sequence, D = joint_attention_dim;
         pooled = cat(pooled_L, pooled_G). Both [B, ...]: per-sample sliceable for text-encoder caching."""
         clip_l, clip_g = models.text_encoders[:2]
-        out_l = clip_l(tokens[0].to(clip_l.device), output_hidden_states=True)
-        out_g = clip_g(tokens[1].to(clip_g.device), output_hidden_states=True)
+        masks = [None] * len(tokens)   # --apply_lg_attn_mask / --apply_t5_attn_mask (KS): padding masks
+        for i, flag in enumerate(("apply_lg_attn_mask", "apply_lg_attn_mask", "apply_t5_attn_mask")[:len(tokens)]):
+            if models.extra.get(flag):
+                masks[i] = sd3_flags.mask_through_eos(tokens[i], models.extra["eos_token_ids"][i])
+        out_l = clip_l(tokens[0].to(clip_l.device), attention_mask=_to(masks[0], clip_l), output_hidden_states=True)
+        out_g = clip_g(tokens[1].to(clip_g.device), attention_mask=_to(masks[1], clip_g), output_hidden_states=True)
         clip_hidden = torch.cat([out_l.hidden_states[-2], out_g.hidden_states[-2]], dim=-1).to(clip_l.dtype)
         pooled = torch.cat([out_l.text_embeds, out_g.text_embeds], dim=-1)
         if len(models.text_encoders) > 2:
             t5 = models.text_encoders[2]
-            t5_hidden = t5(tokens[2].to(t5.device))[0]
+            t5_hidden = t5(tokens[2].to(t5.device), attention_mask=_to(masks[2], t5))[0]
         else:
             # diffusers' pipeline with text_encoder_3=None: zeros [B, max_sequence_length, joint_attention_dim]
             t5_hidden = torch.zeros(tokens[0].shape[0], models.extra["t5xxl_max_token_length"],
@@ -314,10 +360,14 @@ class SD3Adapter:
         objective's job). timesteps are float 1000σ, as FlowMatchEulerDiscreteScheduler feeds the model."""
         transformer = models.denoiser
         param = next(transformer.parameters())
+        hidden, pooled = conditioning["encoder_hidden_states"], conditioning["pooled_projections"]
+        if "clip_widths" in models.extra:   # --clip_l/--clip_g/--t5_dropout_rate (KS), training steps only
+            hidden, pooled = sd3_flags.drop_conditioning(models.extra, hidden, pooled, models.extra["clip_widths"],
+                                                         models.extra["pooled_widths"], models.extra["clip_length"])
         return transformer(hidden_states=noisy_latents.to(param.device, param.dtype),
                            timestep=timesteps.to(param.device),
-                           encoder_hidden_states=conditioning["encoder_hidden_states"].to(param.device, param.dtype),
-                           pooled_projections=conditioning["pooled_projections"].to(param.device, param.dtype),
+                           encoder_hidden_states=hidden.to(param.device, param.dtype),
+                           pooled_projections=pooled.to(param.device, param.dtype),
                            return_dict=False)[0]
 
     def pipeline(self, models: Models) -> Any:
