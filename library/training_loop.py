@@ -388,6 +388,7 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
         args, adapter.name, num_train_images=group.num_train_images, num_reg_images=group.num_reg_images,
         num_batches_per_epoch=micro_per_epoch, num_epochs=num_epochs, started_at=started_at,
         loss_metadata=plan.loss.metadata(), dataset_metadata=group.metadata())
+    run.metadata.update(models.extra.get("metadata", {}))  # what the family knows from the loaded model
     if accelerator.is_main_process and accelerator.log_with:
         accelerator.init_trackers(args.log_tracker_name or "network_train",
                                   config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})

@@ -90,3 +90,74 @@ def test_pos_emb_random_crop_only_in_training_steps():
     assert all(c.shape == centred.shape for c in crops)
     with torch.no_grad():
         assert torch.equal(patch_embed.cropped_pos_embed(8, 8), centred)
+
+
+def test_shipped_sd35_configs_have_the_published_sizes():
+    """configs/models/sd35_{medium,large}: transformer parameters + the position table (a buffer, stored in the
+    files) = SD3.5 medium 2.47 B (its 4.94 GB fp16 file), SD3.5 large 8.15 B (published: "8.1 B")."""
+    import os
+
+    from diffusers import SD3Transformer2DModel
+
+    from library.families.loading import REPO_CONFIG_ROOT
+
+    sizes = {}
+    for key in ("sd35_medium", "sd35_large"):
+        with torch.device("meta"):
+            config = SD3Transformer2DModel.load_config(os.path.join(REPO_CONFIG_ROOT, key), subfolder="transformer")
+            mmdit = SD3Transformer2DModel.from_config(config)
+        stored = sum(p.numel() for p in mmdit.parameters()) + mmdit.pos_embed.pos_embed.numel()
+        sizes[key] = round(stored / 1e9, 2)
+        assert mmdit.config.qk_norm == "rms_norm"
+    assert sizes == {"sd35_medium": 2.47, "sd35_large": 8.15}
+
+
+def test_sai_files_pick_their_shipped_config():
+    """diffusers' infer_diffusers_model_type on the real sizes (meta tensors stand in for the weights)."""
+    from library.families.sd3 import shipped_config_key
+
+    def meta(*shape):
+        return torch.empty(*shape, device="meta")
+
+    p = "model.diffusion_model."
+    sd3 = {p + "joint_blocks.0.context_block.adaLN_modulation.1.bias": meta(9216), p + "pos_embed": meta(1, 36864, 1536)}
+    medium = dict(sd3, **{p + "pos_embed": meta(1, 147456, 1536)})
+    large = {p + "joint_blocks.0.context_block.adaLN_modulation.1.bias": meta(14592),
+             p + "joint_blocks.37.x_block.mlp.fc1.weight": meta(9728, 2432)}
+    assert [shipped_config_key(c) for c in (sd3, medium, large)] == ["sd3", "sd35_medium", "sd35_large"]
+
+
+def test_modelspec_architecture_as_ks_names_it():
+    from library.families.sd3 import modelspec_architecture
+    from library.tiny_models import build_sd3, build_sd35
+
+    assert modelspec_architecture(build_sd3(with_t5=False).transformer) == "stable-diffusion-3-medium/lora"
+    assert modelspec_architecture(build_sd35("sd35_medium", with_t5=False).transformer) == \
+        "stable-diffusion-3-5-medium/lora"
+    assert modelspec_architecture(build_sd35("sd35_large", with_t5=False).transformer) == \
+        "stable-diffusion-3-5-large/lora"
+
+
+@pytest.mark.slow
+def test_attention_masks_reach_the_encoders(tmp_path):
+    """--apply_t5_attn_mask changes T5's outputs (bidirectional: padding no longer attended); --apply_lg_attn_mask
+    leaves CLIP's real-token outputs as they were (causal attention never sees later padding) and the pooled ones."""
+    from library.families.sd3 import ADAPTER
+    from library.tiny_models import build_sd3
+
+    folder = str(tmp_path / "tiny")
+    build_sd3(seed=0).save_pretrained(folder)
+
+    def encode(**flags):
+        models = ADAPTER.load(SD3Options(folder, t5xxl_max_token_length=16, **flags))
+        with torch.no_grad():
+            return ADAPTER.encode_text(models, ADAPTER.tokenize(models, ["a red cat"])), models
+
+    plain, models = encode()
+    t5_masked, _ = encode(apply_t5_attn_mask=True)
+    lg_masked, _ = encode(apply_lg_attn_mask=True)
+    clip_len = models.extra["clip_length"]
+    n_real = int(sd3_flags.mask_through_eos(ADAPTER.tokenize(models, ["a red cat"])[0], models.extra["eos_token_ids"][0]).sum())
+    assert not torch.allclose(plain["encoder_hidden_states"][:, clip_len:], t5_masked["encoder_hidden_states"][:, clip_len:])
+    torch.testing.assert_close(plain["encoder_hidden_states"][:, :n_real], lg_masked["encoder_hidden_states"][:, :n_real])
+    torch.testing.assert_close(plain["pooled_projections"], lg_masked["pooled_projections"])

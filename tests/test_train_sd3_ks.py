@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from library.sd3_convert import CLIP_G_PREFIX, CLIP_L_PREFIX, T5_PREFIX
@@ -37,6 +38,9 @@ def test_sd35_tiny_models_train_with_networks_lora_sd3(variant, dataset, tmp_pat
     assert "lora_unet_context_embedder.lora_down.weight" in sd and "lora_unet_final_layer_linear.alpha" in sd
     assert ("lora_unet_joint_blocks_0_x_block_attn2_qkv.lora_down.weight" in sd) == (variant == "sd35_medium")
     assert any(k.startswith("lora_te1_") for k in sd) and any(k.startswith("lora_te2_") for k in sd)
+    with safe_open(path, framework="pt") as f:
+        kind = "5-medium" if variant == "sd35_medium" else "5-large"
+        assert f.metadata()["modelspec.architecture"] == f"stable-diffusion-3-{kind}/lora"
 
     # the file goes back in with --network_weights: no unmatched key (the trainer prints the load info)
     again = run_inprocess("sd3", base_argv(model, dataset, str(tmp_path / "again"), steps=1,
@@ -108,3 +112,7 @@ def test_ks_sd3_recipe_trains(ks_files, dataset, tmp_path):
     assert os.path.basename(path) == "my_sd3_lora.safetensors"
     assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in sd   # default --lora_format peft
     assert all(torch.isfinite(v).all() for v in sd.values())
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["ss_apply_t5_attn_mask"] == "True" and metadata["ss_weighting_scheme"] == "logit_normal"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-3-medium/lora"

@@ -22,6 +22,7 @@ from library.sd3_convert import CLIP_G_PREFIX, CLIP_L_PREFIX, MMDIT_PREFIX, T5_P
 from networks import lora_keys
 
 FAMILY_KEY = "sd3"   # configs/models/sd3: SD3 medium architecture
+SD35_CONFIG_KEYS = ("sd35_medium", "sd35_large")   # configs/models/<key>: SD3.5 medium (MMDiT-X) and large
 # The CLIP BPE files are shipped once, with SD1.5; SD3's CLIP-G tokenizer differs only by padding with '!'
 # (as SDXL's tokenizer_2; SAI's SDXLClipGTokenizer pads with token 0).
 # Offline-only fallbacks for the T5 tokenizer: looked up in the local Hugging Face cache, never downloaded.
@@ -133,20 +134,24 @@ def _component_state_dict(opts: SD3Options, name: str, checkpoint: dict[str, tor
     return {k[len(prefix):]: v for k, v in prefixed.items()} or None
 
 
+def shipped_config_key(checkpoint: dict[str, torch.Tensor]) -> str:
+    """configs/models/<key> for an SAI file: sd35_medium / sd35_large when diffusers' infer_diffusers_model_type
+    recognises the file as one (by its real sizes), else sd3 (SD3 medium)."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    detected = infer_diffusers_model_type(_with_prefix(checkpoint, MMDIT_PREFIX))
+    return detected if detected in SD35_CONFIG_KEYS else FAMILY_KEY
+
+
 def _mmdit_from_checkpoint(checkpoint: dict[str, torch.Tensor], config_dir: str, opts: SD3Options) -> Any:
     """SD3Transformer2DModel from `model.diffusion_model.*` via diffusers' own converter."""
     from diffusers import SD3Transformer2DModel
-    from diffusers.loaders.single_file_utils import (convert_sd3_transformer_checkpoint_to_diffusers,
-                                                     infer_diffusers_model_type)
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
     mmdit = _with_prefix(checkpoint, MMDIT_PREFIX)
     if not mmdit:
         raise UserError(f"{SOURCE_FLAG}: no MMDiT weights ({MMDIT_PREFIX}*) in the checkpoint; pass an SD3 "
                         "single file (e.g. sd3_medium.safetensors) or a diffusers folder")
-    detected = infer_diffusers_model_type(mmdit)
-    if opts.model_config is None and detected in ("sd35_medium", "sd35_large"):
-        raise UserError(f"{SOURCE_FLAG}: this checkpoint is {detected}, but the shipped config is SD3 medium; "
-                        "pass --model_config DIR with that model's diffusers configs (transformer/config.json ...)")
     try:
         # the converter pops from its input: hand it a copy
         converted = convert_sd3_transformer_checkpoint_to_diffusers(dict(mmdit))
@@ -216,8 +221,8 @@ def _t5_in_dtype(t5: Any, dtype: torch.dtype) -> Any:
 
 def _load_single_file(opts: SD3Options, path: str) -> tuple[Any, Any, list, list, dict, str]:
     """(transformer, vae, text encoders, tokenizers, scheduler config, architecture dir) from an SAI file."""
-    config_dir = loading.config_dir_for(FAMILY_KEY, opts.model_config)
     checkpoint = loading.load_single_file_state_dict(path, opts.allow_pickle, SOURCE_FLAG)
+    config_dir = loading.config_dir_for(shipped_config_key(checkpoint), opts.model_config)
     transformer = _mmdit_from_checkpoint(checkpoint, config_dir, opts)
     vae = None if opts.vae else loading.vae_from_single_file_state_dict(
         _with_prefix(checkpoint, "first_stage_model."), config_dir, opts.weight_dtype, SOURCE_FLAG)
@@ -307,6 +312,7 @@ class SD3Adapter:
                              "clip_widths": (clip_l.config.hidden_size, clip_g.config.hidden_size),
                              "pooled_widths": (clip_l.config.projection_dim, clip_g.config.projection_dim),
                              "clip_length": tokenizers[0].model_max_length,
+                             "metadata": {"modelspec.architecture": modelspec_architecture(transformer)},
                              **sd3_flags.extra(opts, tokenizers)})
 
     def encode_images(self, models: Models, images: torch.Tensor,
@@ -399,10 +405,34 @@ def write_tiny_model(out: str, seed: int = 0) -> dict:
     return tiny_models.save_tiny_pipeline(tiny_models.build_sd3(seed), out)
 
 
-FAMILY = Family(
+def extra_metadata(args: argparse.Namespace) -> dict:
+    """KS sd3_train_network.update_metadata's model keys (the weighting / logit keys come from the loss config)."""
+    return {"ss_apply_lg_attn_mask": args.apply_lg_attn_mask, "ss_apply_t5_attn_mask": args.apply_t5_attn_mask}
+
+
+def modelspec_architecture(transformer: Any) -> str:
+    """KS sai_model_spec: 'stable-diffusion-3-' + medium | 5-medium | 5-large (KS sd3_utils: qk-norm without
+    dual-attention blocks is 3.5 large, with them 3.5 medium, neither: SD3 medium) + '/lora'."""
+    config = transformer.config
+    if config.get("qk_norm") is None:
+        kind = "medium"
+    else:
+        kind = "5-medium" if config.get("dual_attention_layers") else "5-large"
+    return f"stable-diffusion-3-{kind}/lora"
+
+
+class SD3Family(Family):
+    def text_encoder_cache_key(self, args: argparse.Namespace) -> str:
+        """Cached outputs depend on the T5 length, the encoder masks and the T5 dtype."""
+        return (f"sd3-te-{args.t5xxl_max_token_length}-lg{int(bool(args.apply_lg_attn_mask))}-"
+                f"t5{int(bool(args.apply_t5_attn_mask))}-{args.t5xxl_dtype or 'default'}")
+
+
+FAMILY = SD3Family(
     adapter_class=SD3Adapter, entry_script="sd3_train_network.py", prediction_types=("flow", "flow_x0"),
     options_class=SD3Options, add_arguments=add_arguments, check=check_options, text_encoder_cache=True,
     lora_unet_targets=lora_keys.sd3_attention_targets,
     lora_file_format="peft",   # diffusers / PEFT keys: what diffusers and ComfyUI load for SD3
     detects=lora_keys.is_sd3_transformer, base_model_version=lambda args: "sd3",
+    extra_metadata=extra_metadata,
     write_tiny_model=write_tiny_model, default_resolution=1024, latent_channels=16)
