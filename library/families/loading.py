@@ -106,8 +106,12 @@ def _check_single_file_suffix(path: str, allow_pickle: bool, flag: str) -> None:
 
 
 def load_single_file_state_dict(path: str, allow_pickle: bool = False,
-                                flag: str = "--pretrained_model_name_or_path") -> dict[str, torch.Tensor]:
+                                flag: str = "--pretrained_model_name_or_path",
+                                lazy: bool = False) -> dict[str, torch.Tensor]:
     """All tensors of a single-file checkpoint on the CPU.
+
+    lazy=True (.safetensors only): meta tensors that model_from_config reads one at a time (library/streamed_load),
+    so the file never sits in memory beside the built models; the key converters must only rename and take views.
 
     .safetensors: safetensors.torch.load_file. Pickles (.ckpt/.pt/.pth/.bin): only with allow_pickle, through
     torch.load(weights_only=True); Lightning checkpoints nest the weights under 'state_dict' (unwrapped here)."""
@@ -119,8 +123,12 @@ def load_single_file_state_dict(path: str, allow_pickle: bool = False,
         from safetensors.torch import load_file
 
         try:
+            if lazy:
+                from library import streamed_load
+
+                return streamed_load.lazy_safetensors(path)
             return load_file(path, device="cpu")
-        except (SafetensorError, OSError) as err:
+        except (SafetensorError, OSError, ValueError, KeyError) as err:
             raise UserError(f"{flag}: '{path}' is not a readable .safetensors file ({err}); re-download or "
                             "re-export it") from err
     try:
@@ -223,7 +231,10 @@ def model_from_config(cls: Any, config_dir: str, subfolder: str, state_dict: dic
             raise UserError(f"{what}: {subfolder} weight '{key}' has shape {tuple(value.shape)} but the architecture "
                             f"in '{folder}' expects {tuple(expected_shapes[key])}; pass the matching --model_config")
     # Cast while loading (single files are often fp16): no module.to(), which would also cast kept-fp32 buffers.
-    weights = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items() if k in expected}
+    # One tensor at a time (a lazy tensor is read from the file here), dropping each source entry as it is cast.
+    from library.streamed_load import materialise
+
+    weights = {k: materialise(state_dict.pop(k), dtype) for k in [k for k in state_dict if k in expected]}
     module.load_state_dict(weights, strict=False, assign=True)
     _materialise_buffers(module)
     module.eval()

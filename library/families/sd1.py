@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from library import streamed_load
 from library.errors import UserError
 from library.families import loading
 from library.families.base import Family, ModelOptions, Models
@@ -134,7 +135,7 @@ def _text_encoder_state(state: dict[str, torch.Tensor], num_layers: int, model: 
             if key.startswith(block_prefix) and int(key[len(block_prefix):].split(".")[0]) >= num_layers:
                 continue
             if key.startswith(OPEN_CLIP_PREFIX):
-                keep[key] = value
+                keep[key] = streamed_load.materialise(value)  # the converter clones slices: real tensors, read now
         converted = convert_open_clip_checkpoint(model, keep, prefix=OPEN_CLIP_PREFIX)
     else:
         converted = convert_ldm_clip_checkpoint({k: v for k, v in state.items() if k.startswith(CLIP_PREFIX)})
@@ -151,7 +152,7 @@ def _load_single_file(path: str, opts: SD1Options, config_dir: str) -> tuple[Any
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    state = loading.load_single_file_state_dict(path, opts.allow_pickle)
+    state = loading.load_single_file_state_dict(path, opts.allow_pickle, lazy=True)  # read tensor by tensor
     _check_v2_flag(state, opts.v2)
     try:
         unet_config = UNet2DConditionModel.load_config(os.path.join(config_dir, "unet"), local_files_only=True)
@@ -165,9 +166,11 @@ def _load_single_file(path: str, opts: SD1Options, config_dir: str) -> tuple[Any
         raise UserError(f"--pretrained_model_name_or_path: '{path}' does not match the architecture in "
                         f"'{config_dir}' ({type(err).__name__}: {err}); pass --model_config DIR with the matching "
                         "configs (or --v2 for SD2)") from err
+    # The text encoder first, while nothing else is built (its SD2 state is read before conversion), then the rest.
+    text_encoder = loading.model_from_config(CLIPTextModel, config_dir, "text_encoder", te_state, opts.weight_dtype)
+    del te_state
     unet = loading.model_from_config(UNet2DConditionModel, config_dir, "unet", unet_state, opts.weight_dtype)
     vae = loading.vae_from_single_file_state_dict(state, config_dir, opts.weight_dtype)
-    text_encoder = loading.model_from_config(CLIPTextModel, config_dir, "text_encoder", te_state, opts.weight_dtype)
     return unet, vae, text_encoder
 
 
