@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from library import checkpointing, metadata as metadata_lib, metrics as metrics_lib, optimizers, sampling
-from library import loss_outputs, memory_modes, validation as validation_lib
+from library import lean, loss_outputs, memory_modes, validation as validation_lib
 from library.checkpointing import TrainState
 from library.data.loader import batch_steps
 from library.errors import UserError
@@ -384,6 +384,7 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
                         "add --validation_split 0.1 or an is_val subset in the dataset TOML")
     if args.sample_prompts:
         run.prompts = sampling.parse_prompt_file(args.sample_prompts)
+    lean.release_unused_vae(args, run)  # latents cached, no sampling/validation: the VAE is not needed again
     run.metadata = metadata_lib.training_metadata(
         args, adapter.name, num_train_images=group.num_train_images, num_reg_images=group.num_reg_images,
         num_batches_per_epoch=micro_per_epoch, num_epochs=num_epochs, started_at=started_at,
