@@ -1,6 +1,6 @@
 """Memory the training steps do not need, given back after set-up.
 
-    release_unused_vae(args, run) -> bool    drop the VAE when every latent is cached and nothing decodes/encodes
+    release_unused_vae(models, group, unused) -> bool   drop the VAE when `unused` and every latent is cached
     return_freed_memory()                    glibc malloc_trim: hand freed heap pages back to the OS
 
 The VAE (0.33 GiB fp32 for SD1.5, the same for SDXL) is used by latent caching, sample images (decode) and the
@@ -17,12 +17,13 @@ import logging
 logger = logging.getLogger(__name__)
 
 
-def release_unused_vae(args, run) -> bool:
-    if not getattr(args, "cache_latents", False) or getattr(args, "sample_prompts", None) or run.validation is not None:
+def release_unused_vae(models, group, unused: bool) -> bool:
+    """`unused`: the caller knows nothing decodes or encodes again (--cache_latents, no sampling, no validation)."""
+    if not unused:
         return False
-    if not all(item.latents is not None or item.latents_path for item in run.group.training_items()):
+    if not all(item.latents is not None or item.latents_path for item in group.training_items()):
         return False  # a batch with an uncached image encodes it in the step
-    run.models.vae = None
+    models.vae = None
     return_freed_memory()
     logger.info("latents cached and no sampling or validation: the VAE is released")
     return True

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import toml
 
 from library.errors import UserError, unknown_key_message
-from library import loss_config, memory_modes, metrics
+from library import loss_config, memory_modes, metrics, speed
 from library.families import get_family
 from library.losses import conditional_loss  # noqa: F401  (KS facade, re-exported for users' patches)
 
@@ -187,6 +187,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                    choices=["ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver",
                             "dpmsolver++", "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a"])
     g.add_argument("--lowram", action="store_true", help="accepted for KS compatibility (no effect here)")
+    speed.add_arguments(g)  # --torch_compile, --dynamo_backend (KS), --channels_last
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

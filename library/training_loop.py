@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from library import checkpointing, metadata as metadata_lib, metrics as metrics_lib, optimizers, sampling
-from library import lean, loss_outputs, memory_modes, validation as validation_lib
+from library import lean, loss_outputs, memory_modes, speed, validation as validation_lib
 from library.checkpointing import TrainState
 from library.data.loader import batch_steps
 from library.errors import UserError
@@ -77,6 +77,7 @@ def validate(args: argparse.Namespace, adapter: FamilyAdapter) -> Plan:
         raise UserError(f"--network_weights: {args.network_weights} does not exist")
     if args.gradient_accumulation_steps < 1:
         raise UserError("--gradient_accumulation_steps must be at least 1")
+    speed.check(getattr(args, "torch_compile", False), getattr(args, "dynamo_backend", "inductor"))
     if args.train_batch_size < 1:
         raise UserError("--train_batch_size must be at least 1")
     if args.max_train_steps is not None and args.max_train_steps < 1 and not args.max_train_epochs:
@@ -345,6 +346,8 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
     memory_modes.enable_gradient_checkpointing(models, network, plan.memory, plan.train_text_encoder)
     network.to(device)
     memory_modes.cast_network(network, plan.memory)  # --full_bf16 / --full_fp16
+    speed.apply(models, getattr(args, "channels_last", False),  # after LoRA patched the denoiser's layers
+                args.dynamo_backend if getattr(args, "torch_compile", False) else None)
 
     # Steps: an epoch is this rank's share of batches; an optimizer step is gradient_accumulation_steps of them.
     micro_per_epoch = len(epoch_batches(group, 0, rank, world_size))
@@ -384,7 +387,9 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
                         "add --validation_split 0.1 or an is_val subset in the dataset TOML")
     if args.sample_prompts:
         run.prompts = sampling.parse_prompt_file(args.sample_prompts)
-    lean.release_unused_vae(args, run)  # latents cached, no sampling/validation: the VAE is not needed again
+    # latents cached, no sampling or validation: the VAE is not needed again
+    lean.release_unused_vae(models, group,
+                            bool(args.cache_latents and not args.sample_prompts and run.validation is None))
     run.metadata = metadata_lib.training_metadata(
         args, adapter.name, num_train_images=group.num_train_images, num_reg_images=group.num_reg_images,
         num_batches_per_epoch=micro_per_epoch, num_epochs=num_epochs, started_at=started_at,

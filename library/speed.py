@@ -1,0 +1,52 @@
+"""Speed options for the denoiser step: torch.compile (KS --torch_compile / --dynamo_backend) and channels_last.
+
+    add_arguments(group)                 the flags (KS names; --channels_last is ours: KS has none)
+    check(torch_compile, backend)        UserError for backends that cannot run here, before models load
+    apply(models, channels_last, compile_backend)   after the network is applied: channels_last, then compile
+
+Compile: `module.compile()` (in place, state_dict keys unchanged) of the denoiser, after LoRA has routed the
+patched layers' forward through the network modules, so the traced graph holds UNet + LoRA. KS passes the backend
+to accelerate, which compiles every prepared module; here only the denoiser (the step's cost) is compiled, text
+encoders and VAE stay eager. Backends: inductor (CPU: C++/OpenMP kernels; CUDA: Triton), aot_eager and eager
+(debugging); KS's other choices (nvfuser, tensorrt, onnxrt, ipex, tvm, ...) are refused. The first steps pay the
+compile time; sampling and validation shapes compile again once. Measured effect: docs/performance.md.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+KS_BACKENDS = ["eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi", "fx2trt",
+               "onnxrt", "tensort", "ipex", "tvm"]
+SUPPORTED_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
+def add_arguments(group) -> None:
+    group.add_argument("--torch_compile", action="store_true",
+                       help="compile the denoiser (with its LoRA) with torch.compile (KS flag)")
+    group.add_argument("--dynamo_backend", type=str, default="inductor", choices=KS_BACKENDS,
+                       help="torch.compile backend (KS flag; inductor, aot_eager or eager here)")
+    group.add_argument("--channels_last", action="store_true",
+                       help="our flag (KS has none): the UNet's conv weights and activations in channels_last layout")
+
+
+def check(torch_compile: bool, backend: str) -> None:
+    if torch_compile and backend not in SUPPORTED_BACKENDS:
+        raise UserError(f"--dynamo_backend {backend}: not supported here; use one of "
+                        f"{', '.join(SUPPORTED_BACKENDS)} (inductor is the one that speeds up)")
+
+
+def apply(models, channels_last: bool = False, compile_backend: str | None = None) -> None:
+    """channels_last: the denoiser's 4-D weights in NHWC; compile_backend: torch.compile the denoiser in place."""
+    denoiser = models.denoiser
+    if channels_last:
+        denoiser.to(memory_format=torch.channels_last)
+    if compile_backend:
+        denoiser.compile(backend=compile_backend)
+        logger.info("denoiser compiled with torch.compile(backend=%s); the first step includes the compile",
+                    compile_backend)

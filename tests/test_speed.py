@@ -1,0 +1,59 @@
+"""Speed options (library/speed.py) do not change results: compiled and channels_last runs against eager."""
+from __future__ import annotations
+
+import pytest
+
+from library.errors import UserError
+from tests.train_helpers import base_argv, make_images, run_inprocess, save_tiny_sd15
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("speed")
+    model = save_tiny_sd15(str(root / "model"))
+    make_images(str(root / "data" / "1_sks photo"), 2)
+    return model, str(root / "data"), root
+
+
+def _losses(setup, name, monkeypatch, **flags) -> list[float]:
+    from library import training_loop
+
+    model, data, root = setup
+    losses = []
+    original = training_loop._forward_backward
+
+    def recorded(run, batch, micro_step):
+        result, levels = original(run, batch, micro_step)
+        losses.append(result.loss.item())
+        return result, levels
+
+    monkeypatch.setattr(training_loop, "_forward_backward", recorded)
+    run_inprocess("sd1", base_argv(model, data, str(root / name), steps=5, cache_latents=True, **flags))
+    monkeypatch.setattr(training_loop, "_forward_backward", original)
+    return losses
+
+
+def _assert_close(a: list[float], b: list[float], rel: float) -> None:
+    assert len(a) == len(b) == 5
+    for x, y in zip(a, b):
+        assert abs(x - y) <= rel * abs(y), (a, b)
+
+
+@pytest.mark.slow
+def test_compiled_fp32_gives_the_eager_losses_over_5_steps(setup, monkeypatch):
+    eager = _losses(setup, "eager", monkeypatch)
+    compiled = _losses(setup, "compiled", monkeypatch, torch_compile=True, dynamo_backend="inductor")
+    _assert_close(compiled, eager, 1e-5)
+
+
+@pytest.mark.slow
+def test_channels_last_gives_the_eager_losses(setup, monkeypatch):
+    eager = _losses(setup, "eager_cl", monkeypatch)
+    channels_last = _losses(setup, "channels_last", monkeypatch, channels_last=True)
+    _assert_close(channels_last, eager, 1e-6)
+
+
+def test_unsupported_dynamo_backend_is_refused_before_loading(setup, tmp_path):
+    model, data, _ = setup
+    with pytest.raises(UserError, match="--dynamo_backend"):
+        run_inprocess("sd1", base_argv(model, data, str(tmp_path), torch_compile=True, dynamo_backend="tvm"))
