@@ -23,7 +23,7 @@ def release_unused_vae(models, group, unused: bool) -> bool:
         return False
     if not all(item.latents is not None or item.latents_path for item in group.training_items()):
         return False  # a batch with an uncached image encodes it in the step
-    models.vae = None
+    models.vae.to("meta")  # weights freed; config and structure stay (SDXL reads the VAE's scale factor per step)
     return_freed_memory()
     logger.info("latents cached and no sampling or validation: the VAE is released")
     return True

@@ -41,8 +41,13 @@ def _assert_close(a: list[float], b: list[float], rel: float) -> None:
 
 @pytest.mark.slow
 def test_compiled_fp32_gives_the_eager_losses_over_5_steps(setup, monkeypatch):
-    eager = _losses(setup, "eager", monkeypatch)
-    compiled = _losses(setup, "compiled", monkeypatch, torch_compile=True, dynamo_backend="inductor")
+    # Inductor reorders reductions: the first loss agrees to ~1e-7. AdamW's early updates are ~lr*sign(g) per
+    # element, so elements whose gradient is within rounding of zero move by a full lr either way: at lr 1e-3 the
+    # later losses drifted by up to 6e-5 relative (measured), so 1e-5 is checked at lr 1e-5.
+    eager = _losses(setup, "eager", monkeypatch, learning_rate=1e-5)
+    compiled = _losses(setup, "compiled", monkeypatch, learning_rate=1e-5, torch_compile=True,
+                       dynamo_backend="inductor")
+    assert abs(compiled[0] - eager[0]) <= 1e-6 * abs(eager[0])
     _assert_close(compiled, eager, 1e-5)
 
 
