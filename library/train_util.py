@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import toml
 
 from library.errors import UserError, unknown_key_message
-from library import loss_config, memory_modes, metrics, speed
+from library import loss_config, memory_modes, metrics, optimizers, speed
 from library.families import get_family
 from library.losses import conditional_loss  # noqa: F401  (KS facade, re-exported for users' patches)
 
@@ -157,16 +157,6 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--save_state", action="store_true", help="save the training state with every LoRA save")
     g.add_argument("--save_state_on_train_end", action="store_true")
     g.add_argument("--resume", type=str, default=None, help="state folder to resume from")
-    g.add_argument("--learning_rate", type=float, default=1e-4)
-    g.add_argument("--optimizer_type", type=str, default="AdamW",
-                   help="AdamW, AdamW8bit, Lion, Lion8bit, SGDNesterov, Adafactor, Prodigy, or module.Class")
-    g.add_argument("--optimizer_args", type=str, nargs="*", default=None, help="key=value optimizer arguments")
-    g.add_argument("--lr_scheduler", type=str, default="constant",
-                   choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
-                            "polynomial", "adafactor"])
-    g.add_argument("--lr_warmup_steps", type=float, default=0, help="steps, or a ratio of max_train_steps if < 1")
-    g.add_argument("--lr_scheduler_num_cycles", type=int, default=1)
-    g.add_argument("--lr_scheduler_power", type=float, default=1.0)
     g.add_argument("--max_train_steps", type=int, default=1600)
     g.add_argument("--max_train_epochs", type=int, default=None)
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -174,7 +164,6 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
     g.add_argument("--full_fp16", action="store_true")
     g.add_argument("--full_bf16", action="store_true")
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--logging_dir", type=str, default=None)
     g.add_argument("--log_with", type=str, default=None, choices=[None, "tensorboard", "wandb", "all"])
@@ -188,6 +177,39 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                             "dpmsolver++", "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a"])
     g.add_argument("--lowram", action="store_true", help="accepted for KS compatibility (no effect here)")
     speed.add_arguments(g)  # --torch_compile, --dynamo_backend (KS), --channels_last
+
+
+def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
+    """KS `add_optimizer_arguments`: names, types and defaults as KS (see library/optimizers.py)."""
+    g = parser.add_argument_group("optimizer and learning rate")
+    g.add_argument("--optimizer_type", type=str, default="",
+                   help="AdamW (default), AdamW8bit, PagedAdamW, PagedAdamW8bit, PagedAdamW32bit, Lion, Lion8bit, "
+                        "PagedLion8bit, SGDNesterov, SGDNesterov8bit, Adafactor, Prodigy, DAdaptation "
+                        "(DAdaptAdamPreprint), DAdaptAdaGrad, DAdaptAdam, DAdaptAdan, DAdaptAdanIP, DAdaptLion, DAdaptSGD, "
+                        "AdamWScheduleFree, RAdamScheduleFree, SGDScheduleFree, or module.Class")
+    g.add_argument("--use_8bit_adam", action="store_true", help="KS's old name for --optimizer_type AdamW8bit")
+    g.add_argument("--use_lion_optimizer", action="store_true", help="KS's old name for --optimizer_type Lion")
+    g.add_argument("--learning_rate", type=float, default=2.0e-6,
+                   help="KS's default 2e-6 is meant for full fine-tuning: LoRA recipes use 1e-4 (see docs/training.md)")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
+    g.add_argument("--optimizer_args", type=str, nargs="*", default=None, help="key=value optimizer arguments")
+    g.add_argument("--lr_scheduler_type", type=str, default="",
+                   help="any scheduler class: module.Class, or a name from torch.optim.lr_scheduler")
+    g.add_argument("--lr_scheduler_args", type=str, nargs="*", default=None,
+                   help="key=value arguments of the scheduler (T_max=100; step_rules='1:10,0.1' for piecewise_constant)")
+    g.add_argument("--lr_scheduler", type=str, default="constant", help=", ".join(optimizers.SCHEDULERS))
+    g.add_argument("--lr_warmup_steps", type=optimizers.int_or_float, default=0,
+                   help="warmup steps, or a ratio of the training steps (0.1 or 10%%)")
+    g.add_argument("--lr_decay_steps", type=optimizers.int_or_float, default=0,
+                   help="decay steps of warmup_stable_decay, or a ratio of the training steps")
+    g.add_argument("--lr_scheduler_num_cycles", type=int, default=1, help="cosine_with_restarts: restarts")
+    g.add_argument("--lr_scheduler_power", type=float, default=1, help="polynomial: power")
+    g.add_argument("--fused_backward_pass", action="store_true",
+                   help="accepted for KS compatibility: KS's LoRA trainers do not use it either")
+    g.add_argument("--lr_scheduler_timescale", type=int, default=None,
+                   help="inverse_sqrt: timescale (default: the warmup steps)")
+    g.add_argument("--lr_scheduler_min_lr_ratio", type=float, default=None,
+                   help="cosine_with_min_lr / warmup_stable_decay: the lowest lr as a ratio of the initial lr")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -205,6 +227,7 @@ def setup_parser(family: str) -> argparse.ArgumentParser:
     add_dataset_arguments(parser, family)
     add_network_arguments(parser, family)
     add_training_arguments(parser)
+    add_optimizer_arguments(parser)
     loss_config.add_arguments(parser)
     metrics.add_metric_arguments(parser)
     memory_modes.add_arguments(parser)

@@ -48,6 +48,8 @@ class Plan:
     weight_dtype: torch.dtype = torch.float32
     save_dtype: torch.dtype = torch.float32
     memory: memory_modes.MemoryOptions = field(default_factory=memory_modes.MemoryOptions)
+    optimizer: optimizers.OptimizerChoice | None = None
+    scheduler: optimizers.SchedulerOptions | None = None
 
 
 # KS flags accepted so existing scripts run, whose behaviour is always on (or irrelevant) here; named when used.
@@ -87,7 +89,8 @@ def validate(args: argparse.Namespace, adapter: FamilyAdapter) -> Plan:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag} must be a positive integer (omit it to disable)")
-    if args.learning_rate <= 0 and args.optimizer_type.lower() != "adafactor":
+    optimizer_type = optimizers.resolve_optimizer_type(args.optimizer_type, args.use_8bit_adam, args.use_lion_optimizer)
+    if args.learning_rate <= 0 and optimizer_type.lower() != "adafactor":
         raise UserError("--learning_rate must be positive")
     if args.max_grad_norm is not None and args.max_grad_norm < 0:
         raise UserError("--max_grad_norm must be >= 0 (0 disables clipping)")
@@ -126,7 +129,8 @@ def validate(args: argparse.Namespace, adapter: FamilyAdapter) -> Plan:
         importlib.import_module(args.network_module)
     except ImportError as e:
         raise UserError(f"--network_module {args.network_module}: cannot import it ({e})") from None
-    optimizers.validate_optimizer_options(args.optimizer_type, args.optimizer_args)
+    optimizer_choice = optimizers.validate_optimizer_options(optimizer_type, args.optimizer_args, args.learning_rate)
+    scheduler_options = optimizers.SchedulerOptions.from_args(args, optimizer_choice)
     network_kwargs = network_args_lib.validate(
         args.network_module, args.network_args, family, network_dim=args.network_dim, network_alpha=args.network_alpha,
         network_dropout=args.network_dropout, scale_weight_norms=getattr(args, "scale_weight_norms", None),
@@ -145,7 +149,8 @@ def validate(args: argparse.Namespace, adapter: FamilyAdapter) -> Plan:
                 train_unet=not args.network_train_text_encoder_only,
                 train_text_encoder=not args.network_train_unet_only, network_kwargs=network_kwargs,
                 seed=args.seed if args.seed is not None else 42, weight_dtype=weight_dtype,
-                save_dtype=_DTYPES[args.save_precision] or torch.float32, memory=memory)
+                save_dtype=_DTYPES[args.save_precision] or torch.float32, memory=memory,
+                optimizer=optimizer_choice, scheduler=scheduler_options)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -530,9 +535,10 @@ def _scale_weight_norms(run: Run) -> dict[str, float]:
 
 def _validate(run: Run) -> dict[str, float]:
     """The fixed validation loss (all ranks take part; every rank gets the same numbers)."""
-    logs = run.validation.compute(run.adapter, run.models, run.engine,
-                                  validation_lib.text_conditioning(run.adapter, run.models), run.accelerator,
-                                  step=run.state.step, network=run.network)
+    with optimizers.evaluation_weights(run.optimizer):  # schedule-free: validate the evaluation point (KS)
+        logs = run.validation.compute(run.adapter, run.models, run.engine,
+                                      validation_lib.text_conditioning(run.adapter, run.models), run.accelerator,
+                                      step=run.state.step, network=run.network)
     if run.accelerator.is_main_process and "loss/validation" in logs:
         tqdm.write(f"step {run.state.step}: validation loss {logs['loss/validation']:.5f}")
     return logs
@@ -567,11 +573,12 @@ def _heatmap_at_save(run: Run) -> None:
 def _sample_images(run: Run, label: str) -> None:
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
-        paths = sampling.generate_samples(run.adapter, run.models, run.prompts, run.args.output_dir, label,
-                                          run.args.sample_sampler, seed=run.plan.seed,
-                                          output_name=run.args.output_name, network=run.network,
-                                          autocast=run.accelerator.autocast)
-        tqdm.write(f"{label}: {len(paths)} sample image(s) in {os.path.join(run.args.output_dir, 'sample')}")
+        with optimizers.evaluation_weights(run.optimizer):
+            paths = sampling.generate_samples(run.adapter, run.models, run.prompts, run.args.output_dir, label,
+                                              run.args.sample_sampler, seed=run.plan.seed,
+                                              output_name=run.args.output_name, network=run.network,
+                                              autocast=run.accelerator.autocast)
+            tqdm.write(f"{label}: {len(paths)} sample image(s) in {os.path.join(run.args.output_dir, 'sample')}")
     run.accelerator.wait_for_everyone()
 
 
@@ -696,14 +703,12 @@ def _make_optimizer(args, plan: Plan, network):
     param_groups = network.prepare_optimizer_params(te_lr, args.unet_lr, args.learning_rate)
     if isinstance(param_groups, tuple):  # KS networks return (params, descriptions)
         param_groups = param_groups[0]
-    factory = optimizers.make_optimizer_factory(args.optimizer_type, args.learning_rate, args.optimizer_args)
+    factory = optimizers.make_optimizer_factory(plan.optimizer, args.learning_rate)
     factory = memory_modes.wrap_optimizer_factory(factory, plan.memory, plan.seed)  # --stochastic_rounding
-    warmup = optimizers.warmup_steps(args.lr_warmup_steps, args.max_train_steps)
 
     def make_scheduler(opt, share: int = 1):
         # per_cluster: each cluster's scheduler steps ~1/K of the time, so its horizon is 1/K of the run
-        return optimizers.make_lr_scheduler(args.lr_scheduler, opt, warmup // share, max(1, args.max_train_steps // share),
-                                            args.lr_scheduler_num_cycles, args.lr_scheduler_power)
+        return plan.scheduler.build(opt, args.max_train_steps, share)
 
     clusters = plan.loss.timestep_clusters or 0
     if clusters > 0:
@@ -743,7 +748,8 @@ def _save_lora(run: Run, name: str) -> str:
     path = os.path.join(run.args.output_dir, name + ".safetensors")
     os.makedirs(run.args.output_dir, exist_ok=True)
     md = metadata_lib.finish_metadata(run.metadata, run.state.step, run.state.epoch)
-    network_args_lib.save_network_weights(run.network, path, run.plan.save_dtype, md)
+    with optimizers.evaluation_weights(run.optimizer):  # schedule-free: save the evaluation point (KS)
+        network_args_lib.save_network_weights(run.network, path, run.plan.save_dtype, md)
     return path
 
 

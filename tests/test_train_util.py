@@ -36,7 +36,7 @@ network_dim = 16
     ("max_train_steps = 'ten'", "max_train_steps"),
     ("max_train_steps = 1.5", "integer"),
     ("gradient_checkpointing = 'yes'", "true or false"),
-    ("lr_scheduler = 'cosine_annealing'", "must be one of"),
+    ("mixed_precision = 'fp32'", "must be one of"),
     ("network_dim = [4, 8]", "single value"),
 ])
 def test_config_file_errors_name_the_key(tmp_path, text, needle):
