@@ -1,6 +1,10 @@
 """Saving LoRA files and training-state folders, and resuming from them.
 
-State folder (KS names: `{output_name}-{step:08d}-state`, `{output_name}-{epoch:06d}-state`, `{output_name}-state`):
+Names as KS (train_util STEP_FILE_NAME, EPOCH_FILE_NAME, LAST_STATE_NAME ...): LoRA files `{name}-step{step:08d}`,
+`{name}-{epoch:06d}` and `{name}`, state folders the same plus `-state`; without --output_name the name is `at`
+for step saves, `epoch` for epoch saves and `last` at the end.
+
+State folder:
     network.safetensors        LoRA weights (fp32)
     optimizer.pt               optimizer state (all K cluster states when clustered), torch.save of tensors only
     lr_scheduler.pt            scheduler state(s)
@@ -37,12 +41,16 @@ class TrainState:
     world_size: int = 1
 
 
-def step_name(output_name: str, step: int) -> str:
-    return f"{output_name}-{step:08d}"
+def step_name(output_name: str | None, step: int) -> str:
+    return f"{output_name or 'at'}-step{step:08d}"
 
 
-def epoch_name(output_name: str, epoch: int) -> str:
-    return f"{output_name}-{epoch:06d}"
+def epoch_name(output_name: str | None, epoch: int) -> str:
+    return f"{output_name or 'epoch'}-{epoch:06d}"
+
+
+def last_name(output_name: str | None) -> str:
+    return output_name or "last"
 
 
 def save_state(folder: str, *, network_state: dict[str, torch.Tensor], optimizer_state: dict, scheduler_state: dict,
@@ -104,23 +112,29 @@ def load_state(folder: str) -> dict[str, Any]:
     }
 
 
-def remove_old_saves(output_dir: str, output_name: str, keep_last_n: int | None, current: int, by: str,
-                     every: int | None) -> None:
-    """KS `--save_last_n_steps/epochs`: drop step (or epoch) saves older than the last N.
+def remove_old_saves(output_dir: str, output_name: str | None, keep_last_n: int | None, current: int, by: str,
+                     every: int | None, what: str = "both") -> None:
+    """KS `--save_last_n_steps/epochs` (LoRA files, `what="files"`) and `--save_last_n_steps_state/epochs_state`
+    (state folders, `what="states"`): drop step (or epoch) saves older than the last N.
 
-    For steps, N counts steps (KS: a save at step s removes the one at s - N rounded to the save interval);
-    for epochs, N counts saves."""
+    Steps (KS get_remove_step_no): a save at step s drops the saves up to s - N - 1 rounded down to the save
+    interval, so N counts steps; epochs (get_remove_epoch_no): up to e - every·N, so N counts saves."""
     if not keep_last_n:
         return
+    name = step_name(output_name, 0)[:-8] if by == "step" else epoch_name(output_name, 0)[:-6]
     digits = 8 if by == "step" else 6
-    pattern = re.compile(re.escape(output_name) + r"-(\d{%d})(\.safetensors|-state)$" % digits)
-    for path in glob.glob(os.path.join(output_dir, f"{output_name}-*")):
+    suffix = {"files": r"(\.safetensors)", "states": r"(-state)", "both": r"(\.safetensors|-state)"}[what]
+    pattern = re.compile(re.escape(name) + r"(\d{%d})%s$" % (digits, suffix))
+    if by == "step":
+        limit = current - keep_last_n - 1
+        limit -= limit % (every or 1)
+    else:
+        limit = current - keep_last_n * (every or 1)
+    for path in glob.glob(os.path.join(output_dir, f"{name}*")):
         m = pattern.match(os.path.basename(path))
         if not m:
             continue
-        n = int(m.group(1))
-        too_old = (n <= current - keep_last_n) if by == "step" else (n <= current - keep_last_n * (every or 1))
-        if too_old:
+        if int(m.group(1)) <= limit:
             if os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)
             else:

@@ -307,7 +307,9 @@ def add_metric_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("metrics and validation", "see docs/loss-curves.md")
     g.add_argument("--heatmap_every_n_steps", type=int, default=50,
                    help="append a row of the ten per-band EMA losses to the loss heatmap every N steps (default 50)")
-    g.add_argument("--validation_split", type=float, default=None,
+    g.add_argument("--max_validation_steps", type=int, default=None,
+                   help="validate on the first N validation batches only (KS); default: all")
+    g.add_argument("--validation_split", type=float, default=0.0,
                    help="share in [0, 1) of each --train_data_dir subset held out for validation (KS); a dataset "
                         "TOML sets it per dataset")
     g.add_argument("--validation_seed", type=int, default=None,

@@ -43,16 +43,22 @@ class PromptSpec:
     scale: float = 7.5                    # classifier-free guidance scale
     seed: int | None = None
     sample_sampler: str | None = None     # per-prompt override of --sample_sampler
-    guidance_rescale: float | None = None
+    guidance_rescale: float | None = None  # ours (--gr / --cfgr): diffusers' guidance_rescale
+    guidance_scale: float | None = None   # KS --g: distilled guidance (Flux); SD families do not use it (as KS)
     index: int = 0                        # position in the file (KS "enum"): names the image
 
 
-# Line options: letter -> (PromptSpec field, parser). KS train_util.line_to_prompt_dict.
+# Line options: letter -> (PromptSpec field, parser). KS train_util.line_to_prompt_dict: n negative prompt, w/h
+# size, d seed, s steps, l CFG scale, g guidance scale (Flux's distilled guidance), ss sampler; ours: cfg (= l),
+# gr / cfgr (guidance rescale).
 LINE_OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "n": ("negative_prompt", str), "w": ("width", int), "h": ("height", int), "d": ("seed", int),
-    "s": ("sample_steps", int), "l": ("scale", float), "cfg": ("scale", float), "g": ("guidance_rescale", float),
-    "cfgr": ("guidance_rescale", float), "ss": ("sample_sampler", str),
+    "s": ("sample_steps", int), "l": ("scale", float), "cfg": ("scale", float), "g": ("guidance_scale", float),
+    "gr": ("guidance_rescale", float), "cfgr": ("guidance_rescale", float), "ss": ("sample_sampler", str),
 }
+# KS options for other model families or ControlNet: read by KS, used by none of our families.
+IGNORED_KS_OPTIONS = {"cn": "ControlNet image", "ctr": "CFG truncation (Lumina)", "rcfg": "CFG renorm (Lumina)",
+                      "fs": "flow shift (Lumina)"}
 DICT_KEYS = tuple(f.name for f in fields(PromptSpec) if f.name != "index")
 
 
@@ -73,22 +79,27 @@ def parse_prompt_line(line: str, where: str = "prompt") -> dict[str, Any]:
 
     The text before the first `` --`` is the prompt; each `` --x value`` sets one option (case-insensitive
     letters: n negative prompt, w width, h height, s steps, d seed, l / cfg CFG scale, g / cfgr guidance rescale,
-    ss sampler). Unlike KS, an unknown option or a bad number is an error, not a silently ignored part."""
+    ss sampler, g Flux guidance; ours: cfg = l, gr / cfgr guidance rescale). As KS, an unknown option or a bad
+    number does not stop the run: that part is skipped, with a printed warning (KS skips it silently)."""
     parts = (" " + line.strip()).split(" --")  # the leading space lets a line start with an option
     values: dict[str, Any] = {"prompt": parts[0].strip()}
     for part in parts[1:]:
         key, _, raw = part.strip().partition(" ")
         key, raw = key.lower(), raw.strip()
+        if key in IGNORED_KS_OPTIONS:
+            print(f"warning: {where}: --{key} ({IGNORED_KS_OPTIONS[key]}) is not used by this trainer; ignored")
+            continue
         if key not in LINE_OPTIONS:
             hint = closest(key, LINE_OPTIONS)
-            raise UserError(f"{where}: unknown option --{key}" + (f" (did you mean --{hint}?)" if hint else "") +
-                            "; known: " + ", ".join(f"--{k}" for k in LINE_OPTIONS))
+            print(f"warning: {where}: unknown option --{key}" + (f" (did you mean --{hint}?)" if hint else "") +
+                  "; ignored. Known: " + ", ".join(f"--{k}" for k in LINE_OPTIONS))
+            continue
         name, convert = LINE_OPTIONS[key]
         try:
             values[name] = convert(raw)
         except ValueError:
-            raise UserError(f"{where}: --{key} needs {'an integer' if convert is int else 'a number'}, got "
-                            f"'{raw}'") from None
+            print(f"warning: {where}: --{key} needs {'an integer' if convert is int else 'a number'}, got '{raw}'; "
+                  f"ignored")
     return _finish(values, where)
 
 
@@ -97,11 +108,14 @@ def _from_dict(entry: Any, where: str) -> dict[str, Any]:
         return parse_prompt_line(entry, where)
     if not isinstance(entry, dict):
         raise UserError(f"{where}: expected a prompt line or a table of {', '.join(DICT_KEYS)}; got {entry!r}")
-    for key in entry:
+    known = {}
+    for key, value in entry.items():
         if key not in DICT_KEYS:
             hint = closest(key, DICT_KEYS)
-            raise UserError(f"{where}: unknown key '{key}'" + (f"; did you mean '{hint}'?" if hint else ""))
-    return _finish(dict(entry), where)
+            print(f"warning: {where}: unknown key '{key}'" + (f" (did you mean '{hint}'?)" if hint else "") + "; ignored")
+            continue
+        known[key] = value
+    return _finish(known, where)
 
 
 def parse_prompt_file(path: str) -> list[PromptSpec]:
@@ -205,11 +219,32 @@ def _pipeline_kwargs(adapter: Any, models: Any, pipe: Any, spec: PromptSpec) -> 
     """Family extras (the adapter's pipeline_kwargs, e.g. SD3's trained T5 length) the pipeline accepts."""
     accepted = inspect.signature(pipe.__call__).parameters
     extra: dict[str, Any] = {k: v for k, v in adapter.pipeline_kwargs(models).items() if k in accepted}
+    if spec.guidance_scale is not None and not models.extra.get("distilled_guidance"):
+        logger.warning("--sample_prompts: --g (distilled guidance) is not used by %s models (as in KS)", adapter.name)
     if spec.guidance_rescale is not None:
         if "guidance_rescale" not in accepted:
-            raise UserError(f"--sample_prompts: --g (guidance rescale) is not supported by the {adapter.name} pipeline")
+            raise UserError(f"--sample_prompts: --gr (guidance rescale) is not supported by the {adapter.name} pipeline")
         extra["guidance_rescale"] = spec.guidance_rescale
     return extra
+
+
+@contextlib.contextmanager
+def _text_model_alias(pipe: Any):
+    """diffusers' clip_skip path reads `text_encoder.text_model.final_layer_norm`; transformers 5 dropped the
+    `text_model` level. For the time of sampling, point `text_model` at the encoder itself (a plain attribute,
+    not a submodule, so no parameter is seen twice)."""
+    patched = []
+    for name in ("text_encoder", "text_encoder_2"):
+        te = getattr(pipe, name, None)
+        if te is not None and "text_model" not in te.__dict__ and not hasattr(te, "text_model") \
+                and hasattr(te, "final_layer_norm"):
+            object.__setattr__(te, "text_model", te)
+            patched.append(te)
+    try:
+        yield
+    finally:
+        for te in patched:
+            del te.__dict__["text_model"]
 
 
 def generate_samples(adapter: Any, models: Any, prompts: list[PromptSpec], out_dir: str, label: str,
@@ -231,7 +266,7 @@ def generate_samples(adapter: Any, models: Any, prompts: list[PromptSpec], out_d
     pipe.set_progress_bar_config(disable=True)
     modules = [models.denoiser, models.vae, *[m for m in models.text_encoders if m is not None], network]
     paths = []
-    with torch.no_grad(), untouched_rng(), evaluation_mode(*modules):
+    with torch.no_grad(), untouched_rng(), evaluation_mode(*modules), _text_model_alias(pipe):
         for spec in prompts:
             pipe.scheduler = make_sample_scheduler(spec.sample_sampler or sampler, models.scheduler_config, flow)
             image_seed = spec.seed if spec.seed is not None else (

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 import sys
 from typing import Any, Sequence
 
 import toml
 
 from library.errors import UserError, unknown_key_message
-from library import loss_config, memory_modes, metrics, optimizers, speed
+from library import ks_compat, loss_config, memory_modes, metadata, metrics, optimizers, speed
 from library.families import get_family
 from library.losses import conditional_loss  # noqa: F401  (KS facade, re-exported for users' patches)
 
@@ -33,7 +34,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, family: str) -> None:
     g.add_argument("--vae", type=str, default=None, help="separate VAE (diffusers folder or single file)")
     g.add_argument("--allow_pickle", action="store_true",
                    help="allow .ckpt/.pt pickle checkpoints (loaded with weights_only=True)")
-    g.add_argument("--max_token_length", type=int, default=None, choices=[None, 75, 150, 225],
+    g.add_argument("--max_token_length", type=int, default=None, choices=[None, 150, 225],
                    help="max caption tokens (75 if omitted; 150/225 split into 75-token chunks as KS)")
     g.add_argument("--zero_terminal_snr", action="store_true", help="rescale the noise schedule to zero terminal SNR")
     g.add_argument("--v_parameterization", action="store_true", help="v-prediction objective")
@@ -114,19 +115,20 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, family: str) -> None:
                    help="repeats of --in_json images (and of dataset TOML subsets without num_repeats)")
     # Not in KS's dataset group, kept here with the data flags.
     g.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularisation images")
-    g.add_argument("--dataset_config", type=str, default=None, help="dataset TOML (KS schema)")
+    g.add_argument("--dataset_config", type=Path, default=None, help="dataset TOML (KS schema)")
     if get_family(family).text_encoder_cache:
         g.add_argument("--cache_text_encoder_outputs", action="store_true")
         g.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true")
     g.add_argument("--train_batch_size", type=int, default=1)
-    g.add_argument("--max_data_loader_n_workers", type=int, default=0)
+    g.add_argument("--max_data_loader_n_workers", type=int, default=8,
+                   help="data-loader worker processes, at most the CPU count (KS); none when latents are cached")
     g.add_argument("--persistent_data_loader_workers", action="store_true",
                    help="accepted for KS compatibility: workers are started per epoch here")
 
 
 def add_network_arguments(parser: argparse.ArgumentParser, family: str) -> None:
     g = parser.add_argument_group("network")
-    g.add_argument("--network_module", type=str, default="networks.lora")
+    g.add_argument("--network_module", type=str, default=None, help="networks.lora when omitted")
     g.add_argument("--network_dim", type=int, default=None, help="LoRA rank (KS default 4)")
     g.add_argument("--network_alpha", type=float, default=1.0, help="scale = alpha / rank")
     g.add_argument("--network_args", type=str, nargs="*", default=None, help="key=value: conv_dim, conv_alpha, ...")
@@ -142,18 +144,30 @@ def add_network_arguments(parser: argparse.ArgumentParser, family: str) -> None:
     g.add_argument("--text_encoder_lr", type=float, nargs="*", default=None,
                    help="one value, or one per text encoder (sdxl/sd3)")
     g.add_argument("--training_comment", type=str, default=None)
+    g.add_argument("--base_weights", type=str, nargs="*", default=None,
+                   help="LoRA files merged into the frozen model before training (KS)")
+    g.add_argument("--base_weights_multiplier", type=float, nargs="*", default=None,
+                   help="one multiplier per --base_weights file (default 1.0)")
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training")
     g.add_argument("--output_dir", type=str, default=None)
-    g.add_argument("--output_name", type=str, default="last")
-    g.add_argument("--save_model_as", type=str, default="safetensors", choices=["safetensors"])
+    g.add_argument("--output_name", type=str, default=None,
+                   help="file name without extension (unset: last, at-stepNNNNNNNN, epoch-NNNNNN as KS)")
+    g.add_argument("--save_model_as", type=str, default="safetensors", choices=[None, "ckpt", "pt", "safetensors"],
+                   help="only safetensors is written (ckpt/pt are refused)")
     g.add_argument("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"])
     g.add_argument("--save_every_n_steps", type=int, default=None)
     g.add_argument("--save_every_n_epochs", type=int, default=None)
+    g.add_argument("--save_n_epoch_ratio", type=int, default=None,
+                   help="save N times over the run: every floor(epochs / N) epochs (KS)")
     g.add_argument("--save_last_n_steps", type=int, default=None, help="keep step saves of the last N steps only")
     g.add_argument("--save_last_n_epochs", type=int, default=None, help="keep the last N epoch saves only")
+    g.add_argument("--save_last_n_epochs_state", type=int, default=None,
+                   help="keep the last N epoch state folders (default: --save_last_n_epochs)")
+    g.add_argument("--save_last_n_steps_state", type=int, default=None,
+                   help="keep the state folders of the last N steps (default: --save_last_n_steps)")
     g.add_argument("--save_state", action="store_true", help="save the training state with every LoRA save")
     g.add_argument("--save_state_on_train_end", action="store_true")
     g.add_argument("--resume", type=str, default=None, help="state folder to resume from")
@@ -164,13 +178,22 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
     g.add_argument("--full_fp16", action="store_true")
     g.add_argument("--full_bf16", action="store_true")
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None, help="random (printed, and saved as ss_seed) when omitted")
+    g.add_argument("--ddp_timeout", type=int, default=None, help="multi-process: process-group timeout in minutes")
     g.add_argument("--logging_dir", type=str, default=None)
-    g.add_argument("--log_with", type=str, default=None, choices=[None, "tensorboard", "wandb", "all"])
+    g.add_argument("--log_with", type=str, default=None, choices=["tensorboard", "wandb", "all"])
     g.add_argument("--log_prefix", type=str, default=None)
     g.add_argument("--log_tracker_name", type=str, default=None)
+    g.add_argument("--wandb_run_name", type=str, default=None, help="the wandb run's name")
+    g.add_argument("--log_tracker_config", type=str, default=None, help="TOML of tracker init arguments (KS)")
+    g.add_argument("--wandb_api_key", type=str, default=None, help="log in to wandb with this key")
+    g.add_argument("--log_config", action="store_true",
+                   help="log the run's flags to the tracker (paths and keys left out)")
+    g.add_argument("--console_log_level", type=str, default=None,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], help="Python logging level")
     g.add_argument("--sample_prompts", type=str, default=None)
     g.add_argument("--sample_every_n_steps", type=int, default=None)
+    g.add_argument("--sample_at_first", action="store_true", help="also sample before the first step")
     g.add_argument("--sample_every_n_epochs", type=int, default=None)
     g.add_argument("--sample_sampler", type=str, default="ddim",
                    choices=["ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver",
@@ -231,7 +254,9 @@ def setup_parser(family: str) -> argparse.ArgumentParser:
     loss_config.add_arguments(parser)
     metrics.add_metric_arguments(parser)
     memory_modes.add_arguments(parser)
+    metadata.add_metadata_arguments(parser)
     add_config_arguments(parser)
+    ks_compat.add_arguments(parser, family)  # the remaining KS flags: refused or no-op, see docs/kohya-compat.md
     return parser
 
 
@@ -345,7 +370,7 @@ def write_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser,
         value = getattr(args, dest, None)
         if value is None or value == action.default:
             continue
-        out[dest] = value
+        out[dest] = str(value) if isinstance(value, Path) else value
     if not path.endswith(".toml"):
         path += ".toml"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

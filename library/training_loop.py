@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from library import checkpointing, metadata as metadata_lib, metrics as metrics_lib, optimizers, sampling
-from library import lean, loss_outputs, memory_modes, speed, validation as validation_lib
+from library import checkpointing, ks_compat, ks_run, metadata as metadata_lib, metrics as metrics_lib, optimizers
+from library import lean, loss_outputs, memory_modes, sampling, speed, validation as validation_lib
 from library.checkpointing import TrainState
 from library.data.loader import batch_steps
 from library.errors import UserError
@@ -51,14 +51,6 @@ class Plan:
     optimizer: optimizers.OptimizerChoice | None = None
     scheduler: optimizers.SchedulerOptions | None = None
 
-
-# KS flags accepted so existing scripts run, whose behaviour is always on (or irrelevant) here; named when used.
-COMPATIBILITY_NO_OPS = {
-    "sdpa": "PyTorch scaled-dot-product attention is always used",
-    "lowram": "models load straight to their device",
-    "no_half_vae": "the VAE always runs in fp32",
-    "persistent_data_loader_workers": "data-loader workers are started per epoch",
-}
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32, "no": torch.float32, None: None}
 
@@ -114,9 +106,8 @@ def validate(args: argparse.Namespace, adapter: FamilyAdapter) -> Plan:
     if (args.sample_every_n_steps or args.sample_every_n_epochs) and not args.sample_prompts:
         raise UserError("--sample_every_n_steps/--sample_every_n_epochs need --sample_prompts FILE")
     memory = memory_modes.MemoryOptions.from_args(args)  # --full_bf16, --fp8_base, ... (KS semantics)
-    for flag, why in COMPATIBILITY_NO_OPS.items():
-        if getattr(args, flag, False):
-            print(f"note: --{flag} has no effect here: {why}")
+    ks_compat.check(args, family)  # KS flags refused here stop now; KS flags without effect print a note
+    ks_run.check(args)
     if args.resume:
         checkpointing.check_state_folder(args.resume)
     cache_te = getattr(args, "cache_text_encoder_outputs", False) or getattr(args, "cache_text_encoder_outputs_to_disk", False)
@@ -125,6 +116,7 @@ def validate(args: argparse.Namespace, adapter: FamilyAdapter) -> Plan:
                         "text-encoder LoRA)")
     if args.cache_latents_to_disk:
         args.cache_latents = True
+    args.network_module = args.network_module or "networks.lora"  # KS's default is None (it then fails)
     try:
         importlib.import_module(args.network_module)
     except ImportError as e:
@@ -148,9 +140,18 @@ def validate(args: argparse.Namespace, adapter: FamilyAdapter) -> Plan:
     return Plan(model=model, prediction_type=prediction_type, loss=loss,
                 train_unet=not args.network_train_text_encoder_only,
                 train_text_encoder=not args.network_train_unet_only, network_kwargs=network_kwargs,
-                seed=args.seed if args.seed is not None else 42, weight_dtype=weight_dtype,
+                seed=args.seed if args.seed is not None else _random_seed(), weight_dtype=weight_dtype,
                 save_dtype=_DTYPES[args.save_precision] or torch.float32, memory=memory,
                 optimizer=optimizer_choice, scheduler=scheduler_options)
+
+
+def _random_seed() -> int:
+    """KS: without --seed a random one (printed, and written to ss_seed so the run can be repeated)."""
+    import random
+
+    seed = random.randint(0, 2**32)
+    print(f"no --seed given: using --seed {seed}")
+    return seed
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -168,7 +169,7 @@ def make_accelerator(args: argparse.Namespace):
         project_config = ProjectConfiguration(project_dir=logging_dir, logging_dir=logging_dir)
     use_cpu = not torch.cuda.is_available() and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
     return Accelerator(mixed_precision=args.mixed_precision, log_with=log_with, project_config=project_config,
-                       cpu=use_cpu)
+                       cpu=use_cpu, kwargs_handlers=ks_run.accelerator_kwargs(args))
 
 
 def _own_weight_memory(module: torch.nn.Module) -> None:
@@ -311,6 +312,7 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
     from library.engine import LossEngine
 
     plan = validate(args, adapter)
+    args.seed = plan.seed  # KS: a drawn seed becomes the run's seed (ss_seed, sample seeds)
     data_options = DatasetOptions.from_args(args)
     data_options.seed = plan.seed
     group = build_dataset_group(data_options)  # scans every image: data errors surface before models load
@@ -346,6 +348,7 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
     if getattr(args, "cache_text_encoder_outputs", False) or getattr(args, "cache_text_encoder_outputs_to_disk", False):
         _cache_text_encoder_outputs(args, adapter, models, group, accelerator)
 
+    ks_run.merge_base_weights(args, models, plan.weight_dtype, device)  # --base_weights: into the frozen model (KS)
     torch.manual_seed(plan.seed)  # the same LoRA initialisation on every rank and in every run with this seed
     network = _make_network(args, plan, models)
     memory_modes.enable_gradient_checkpointing(models, network, plan.memory, plan.train_text_encoder)
@@ -361,6 +364,7 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
         args.max_train_steps = args.max_train_epochs * steps_per_epoch
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
     group.max_train_steps = args.max_train_steps  # a fractional --token_warmup_step is a share of it (KS)
+    args.save_every_n_epochs = ks_run.save_every_n_epochs(args, num_epochs)
 
     engine = LossEngine(plan.loss, adapter.kind, plan.prediction_type, models.alphas_cumprod, seed=plan.seed,
                         rank=rank, world_size=world_size, max_train_steps=args.max_train_steps,
@@ -386,7 +390,8 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
         seed = args.validation_seed if args.validation_seed is not None else plan.seed
         run.validation = validation_lib.ValidationSet.build(group, adapter, models, engine, seed=seed,
                                                             num_levels=args.validation_timesteps,
-                                                            batch_size=args.train_batch_size)
+                                                            batch_size=args.train_batch_size,
+                                                            max_batches=args.max_validation_steps)
     elif args.validate_every_n_steps or args.validate_every_n_epochs:
         raise UserError("--validate_every_n_steps/--validate_every_n_epochs: the dataset holds no validation images; "
                         "add --validation_split 0.1 or an is_val subset in the dataset TOML")
@@ -398,11 +403,14 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
     run.metadata = metadata_lib.training_metadata(
         args, adapter.name, num_train_images=group.num_train_images, num_reg_images=group.num_reg_images,
         num_batches_per_epoch=micro_per_epoch, num_epochs=num_epochs, started_at=started_at,
-        loss_metadata=plan.loss.metadata(), dataset_metadata=group.metadata())
+        loss_metadata=plan.loss.metadata(), dataset_metadata=group.metadata(),
+        optimizer_name=plan.optimizer.metadata_name(), num_processes=world_size,
+        num_validation_images=len(group.validation_items()))
     run.metadata.update(models.extra.get("metadata", {}))  # what the family knows from the loaded model
     if accelerator.is_main_process and accelerator.log_with:
-        accelerator.init_trackers(args.log_tracker_name or "network_train",
-                                  config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        ks_run.login_wandb(args)
+        accelerator.init_trackers(args.log_tracker_name or "network_train", config=ks_run.tracker_config(args),
+                                  init_kwargs=ks_run.tracker_init_kwargs(args))
     if accelerator.is_main_process:
         print(f"training {adapter.name} LoRA: {group.num_train_images} images, {micro_per_epoch} batches per epoch "
               f"per process, {args.max_train_steps} steps, {world_size} process(es)")
@@ -410,6 +418,8 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
     try:
         with _deferred_interrupt() as interrupted:
             run.interrupted = interrupted
+            if args.sample_at_first and run.prompts and state.step == 0:
+                _sample_images(run, sampling.sample_label(step=0))
             _loop(run, steps_per_epoch, micro_per_epoch, num_epochs)
     except KeyboardInterrupt:
         if accelerator.is_main_process:
@@ -422,13 +432,14 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
 
     accelerator.wait_for_everyone()
     check_ranks_agree(run)
-    final = os.path.join(args.output_dir, args.output_name + ".safetensors")
+    final_name = checkpointing.last_name(args.output_name)
+    final = os.path.join(args.output_dir, final_name + ".safetensors")
     _heatmap_at_save(run)
     if accelerator.is_main_process:
-        final = _save_lora(run, args.output_name)
+        final = _save_lora(run, final_name, epoch=num_epochs)  # KS writes the planned epoch count as ss_epoch
         if args.save_state or args.save_state_on_train_end:
-            _save_state(run, os.path.join(args.output_dir, args.output_name + "-state"))
-        loss_outputs.write_loss_files(run.engine, run.metrics, args.output_dir, args.output_name + "-")
+            _save_state(run, os.path.join(args.output_dir, final_name + "-state"))
+        loss_outputs.write_loss_files(run.engine, run.metrics, args.output_dir, final_name + "-")
         print(f"saved {final}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -454,7 +465,7 @@ def _loop(run: Run, steps_per_epoch: int, micro_per_epoch: int, num_epochs: int)
         steps = batch_steps(state.step, state.micro_in_epoch, accum, len(remaining))
         loader = torch.utils.data.DataLoader(
             _BatchList(run.group, remaining, state.epoch + 1, steps), batch_size=None, shuffle=False,
-            num_workers=args.max_data_loader_n_workers,
+            num_workers=ks_run.data_loader_workers(args.max_data_loader_n_workers, bool(args.cache_latents)),
             persistent_workers=False)
         step_losses: list[torch.Tensor] = []
         for batch in loader:
@@ -744,10 +755,14 @@ def _resume(args, network, optimizer, lr_scheduler, engine, accelerator, world_s
 # ----------------------------------------------------------------------------------------------------------------
 # 5. Saving
 # ----------------------------------------------------------------------------------------------------------------
-def _save_lora(run: Run, name: str) -> str:
+def _save_lora(run: Run, name: str, epoch: int | None = None) -> str:
+    """`epoch`: ss_epoch as KS counts it (default: the current 0-based epoch, what KS writes at step saves)."""
     path = os.path.join(run.args.output_dir, name + ".safetensors")
     os.makedirs(run.args.output_dir, exist_ok=True)
-    md = metadata_lib.finish_metadata(run.metadata, run.state.step, run.state.epoch)
+    modelspec = metadata_lib.modelspec(run.args, run.adapter.name, metadata_lib.parse_resolution(run.args.resolution),
+                                       time.time())
+    md = metadata_lib.finish_metadata(run.metadata, run.state.step, run.state.epoch if epoch is None else epoch,
+                                      no_metadata=run.args.no_metadata, modelspec_keys=modelspec)
     with optimizers.evaluation_weights(run.optimizer):  # schedule-free: save the evaluation point (KS)
         network_args_lib.save_network_weights(run.network, path, run.plan.save_dtype, md)
     return path
@@ -767,24 +782,29 @@ def _save_state(run: Run, folder: str) -> None:
 
 def _maybe_save_every_n_steps(run: Run) -> None:
     args, step = run.args, run.state.step
-    if args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < args.max_train_steps:
+    if args.save_every_n_steps and step % args.save_every_n_steps == 0:  # the last step too, as KS
         _save_checkpoint(run, checkpointing.step_name(args.output_name, step), "step", step,
-                         args.save_last_n_steps, args.save_every_n_steps)
+                         args.save_last_n_steps, args.save_every_n_steps, args.save_last_n_steps_state)
 
 
 def _maybe_save_every_n_epochs(run: Run, num_epochs: int) -> None:
     args, epoch = run.args, run.state.epoch
     if args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 and epoch < num_epochs:
         _save_checkpoint(run, checkpointing.epoch_name(args.output_name, epoch), "epoch", epoch,
-                         args.save_last_n_epochs, args.save_every_n_epochs)
+                         args.save_last_n_epochs, args.save_every_n_epochs, args.save_last_n_epochs_state)
 
 
-def _save_checkpoint(run: Run, name: str, by: str, count: int, keep_last_n: int | None, every: int) -> None:
-    """An intermediate save: the LoRA, its state with --save_state, and old saves pruned (--save_last_n_*)."""
+def _save_checkpoint(run: Run, name: str, by: str, count: int, keep_last_n: int | None, every: int,
+                     keep_last_n_states: int | None = None) -> None:
+    """An intermediate save: the LoRA, its state with --save_state, and old saves pruned (--save_last_n_* for
+    the files; --save_last_n_*_state, else --save_last_n_*, for the state folders, as KS)."""
     run.accelerator.wait_for_everyone()
     _heatmap_at_save(run)
     if run.accelerator.is_main_process:
-        _save_lora(run, name)
+        _save_lora(run, name, epoch=run.state.epoch)  # KS: ss_epoch is the 0-based epoch at step saves, e at epoch saves
         if run.args.save_state:
             _save_state(run, os.path.join(run.args.output_dir, name + "-state"))
-        checkpointing.remove_old_saves(run.args.output_dir, run.args.output_name, keep_last_n, count, by, every)
+        out, output_name = run.args.output_dir, run.args.output_name
+        checkpointing.remove_old_saves(out, output_name, keep_last_n, count, by, every, what="files")
+        checkpointing.remove_old_saves(out, output_name, keep_last_n_states or keep_last_n, count, by, every,
+                                       what="states")

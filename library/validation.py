@@ -158,10 +158,10 @@ class ValidationSet:
     # ------------------------------------------------------------------------------------------ building
     @classmethod
     def build(cls, group: Any, adapter: Any, models: Any, engine: LossEngine, seed: int, num_levels: int = 10,
-              batch_size: int | None = None) -> "ValidationSet":
+              batch_size: int | None = None, max_batches: int | None = None) -> "ValidationSet":
         """Load every validation item once (no augmentation) and fix its latents. Raises UserError when the
-        group has no validation images."""
-        batches = group.validation_batches()
+        group has no validation images. max_batches (KS --max_validation_steps): the first N batches only."""
+        batches = group.validation_batches()[:max_batches]
         if not batches:
             raise UserError("--validate_every_n_steps/--validate_every_n_epochs: the dataset has no validation "
                             "images; set --validation_split 0.1 or add an is_val subset to the dataset TOML")

@@ -146,7 +146,7 @@ def test_resume_equals_uninterrupted_run(sd15, dataset, tmp_path, monkeypatch, c
     from library import training_loop
     common = dict(save_every_n_steps=5, save_state=True, train_batch_size=1, **RESUME_CASES[case])
     full = run_inprocess("sd1", base_argv(sd15, dataset, str(tmp_path / "full"), steps=10, **common))
-    state = str(tmp_path / "full" / "lora-00000005-state")
+    state = str(tmp_path / "full" / "lora-step00000005-state")
     assert os.path.isdir(state)
     calls = []
     real = training_loop._forward_backward
@@ -247,13 +247,14 @@ def test_truncated_image_is_named(sd15, tmp_path):
 
 
 def test_intermediate_saves_follow_ks_names_and_pruning(sd15, dataset, tmp_path):
-    """4 batches an epoch, 10 steps: step saves every 2 keeping the last 4 steps' worth, epoch saves every epoch
+    """4 batches an epoch, 10 steps: step saves every 2 (the last step too) keeping the last 4 steps' worth (KS:
+    at step 10 the saves up to 10 - 4 - 1 rounded down to 2, i.e. 4, go), epoch saves every epoch but the last,
     keeping the last one; KS file names."""
     run_inprocess("sd1", base_argv(sd15, dataset, str(tmp_path), steps=10, train_batch_size=1, save_every_n_steps=2,
                                    save_last_n_steps=4, save_every_n_epochs=1, save_last_n_epochs=1))
     files = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))
-    assert files == sorted(["lora-000002.safetensors", "lora-00000006.safetensors", "lora-00000008.safetensors",
-                            "lora.safetensors"])
+    assert files == sorted(["lora-000002.safetensors", "lora-step00000006.safetensors",
+                            "lora-step00000008.safetensors", "lora-step00000010.safetensors", "lora.safetensors"])
 
 
 @pytest.mark.slow
@@ -278,7 +279,7 @@ def test_ctrl_c_saves_lora_and_state(sd15, dataset, tmp_path):
     states = [f for f in os.listdir(tmp_path) if f.endswith("-state")]
     assert len(saved) == 1 and len(states) == 1, os.listdir(tmp_path)
     assert "--resume" in out and states[0] in out
-    step = int(states[0].split("-")[1])
+    step = int(states[0].split("-step")[1].split("-")[0])
     assert step >= 1
     import json
     with open(os.path.join(tmp_path, states[0], "train_state.json")) as f:

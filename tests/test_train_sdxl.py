@@ -111,6 +111,6 @@ def test_sdxl_resume_equals_uninterrupted_run(sdxl, dataset, tmp_path):
     common = dict(save_every_n_steps=3, save_state=True, train_batch_size=1, loss_type="huber", min_snr_gamma=5)
     full = run_inprocess("sdxl", base_argv(sdxl, dataset, str(tmp_path / "full"), steps=6, **common))
     resumed = run_inprocess("sdxl", base_argv(sdxl, dataset, str(tmp_path / "resumed"), steps=6,
-                                              resume=str(tmp_path / "full" / "lora-00000003-state"), **common))
+                                              resume=str(tmp_path / "full" / "lora-step00000003-state"), **common))
     a, b = lora_tensors(full), lora_tensors(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -25,8 +25,9 @@ from typing import Any, Callable
 from unittest import mock
 
 SCRIPTS = ("train_network.py", "sdxl_train_network.py", "sd3_train_network.py")
-FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures",
-                       "ks_flags.json")
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures")
+FIXTURE = os.path.join(FIXTURES, "ks_flags.json")
+METADATA_FIXTURE = os.path.join(FIXTURES, "ks_metadata.json")
 
 
 class _Source:
@@ -203,6 +204,62 @@ def inventory(source: _Source) -> dict[str, Any]:
             "scripts": {script: describe(p) for script, p in ks_parsers(source).items()}}
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA metadata keys (KS train_network.py: the `metadata` dict, its updates and item assignments)
+# ----------------------------------------------------------------------------------------------------------------
+def _value_format(value: ast.expr) -> str | None:
+    """A regex for the string KS writes (str(value)), where the expression says it; None: any text."""
+    if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "bool":
+        return "True|False"
+    if isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute) and value.func.attr == "dumps":
+        return r"[\[{].*"  # json.dumps of a dict / list
+    return None
+
+
+def metadata_keys(source: _Source) -> dict[str, Any]:
+    """`ss_*` keys KS's LoRA trainer writes, each with the branch it belongs to ('always', 'dataset_toml' when a
+    --dataset_config is used, 'flags' when it is not, or the flag it needs), plus the SD3 trainer's extra keys
+    and the modelspec keys of sai_model_spec. Formats: regexes where the KS expression fixes them."""
+    keys: dict[str, dict[str, Any]] = {}
+
+    def add(key, value, branch):
+        if key.startswith("ss_") and key not in keys:
+            keys[key] = {"branch": branch, "format": _value_format(value) if value is not None else None}
+
+    train = ast.parse(source.read("train_network.py"))
+    for node in ast.walk(train):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+            if isinstance(target, ast.Name) and target.id == "metadata" and isinstance(node.value, ast.Dict):
+                for k, v in zip(node.value.keys, node.value.values):
+                    if isinstance(k, ast.Constant):
+                        add(k.value, v, "always")
+            if (isinstance(target, ast.Subscript) and isinstance(target.value, ast.Name)
+                    and target.value.id == "metadata" and isinstance(target.slice, ast.Constant)):
+                key = target.slice.value
+                branch = ("dataset_toml" if key in ("ss_datasets",) else "vae" if "vae" in key
+                          else "network_args" if key == "ss_network_args" else "always")
+                add(key, node.value, branch)
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "update"
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "metadata" and node.args
+                and isinstance(node.args[0], ast.Dict)):
+            for k, v in zip(node.args[0].keys, node.args[0].values):
+                if isinstance(k, ast.Constant):
+                    add(k.value, v, "flags")
+    sd3 = ast.parse(source.read("sd3_train_network.py"))
+    sd3_keys = sorted({t.slice.value for t in ast.walk(sd3) if isinstance(t, ast.Subscript)
+                       and isinstance(t.value, ast.Name) and t.value.id == "metadata"
+                       and isinstance(t.slice, ast.Constant) and str(t.slice.value).startswith("ss_")})
+    spec = ast.parse(source.read("library/sai_model_spec.py"))
+    modelspec = []
+    for node in spec.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "BASE_METADATA":
+            modelspec = [k.value for k in node.value.keys]
+    return {"source": {"repository": "https://github.com/kohya-ss/sd-scripts", "commit": source.commit},
+            "generated_by": "tools/ks_flag_inventory.py", "ss_keys": keys, "sd3_keys": sd3_keys,
+            "modelspec_keys": modelspec}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     where = p.add_mutually_exclusive_group(required=True)
@@ -210,8 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--git-dir", help="a KS git repository (bare or .git)")
     p.add_argument("--commit", default="HEAD", help="with --git-dir: the commit to read")
     p.add_argument("--out", default=FIXTURE)
+    p.add_argument("--metadata-out", default=METADATA_FIXTURE)
     a = p.parse_args(argv)
-    data = inventory(_Source(ks_dir=a.ks, git_dir=a.git_dir, commit=a.commit))
+    source = _Source(ks_dir=a.ks, git_dir=a.git_dir, commit=a.commit)
+    with open(a.metadata_out, "w", encoding="utf-8") as f:
+        json.dump(metadata_keys(source), f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    data = inventory(source)
     with open(a.out, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1, ensure_ascii=False)
         f.write("\n")

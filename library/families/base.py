@@ -110,6 +110,10 @@ class Family:
     base_model_version: Callable[[argparse.Namespace], str] = lambda args: ""
     # metadata: the family's own ss_* keys (KS writes e.g. Flux's ss_guidance_scale), values as given
     extra_metadata: Callable[[argparse.Namespace], dict] = lambda args: {}
+    # metadata as KS writes it: modelspec.architecture without "/lora" (KS sai_model_spec ARCH_*) and its
+    # modelspec.implementation (IMPL_*)
+    modelspec_architecture: Callable[[argparse.Namespace], str] = lambda args: ""
+    modelspec_implementation: str = "diffusers"
     # tools: tiny model writer (tools/make_tiny_model.py) and what tools/show_timesteps.py draws with
     write_tiny_model: Callable[..., dict] = _no_tiny_model
     tiny_model_flags: tuple[str, ...] = ()               # make_tiny_model flags the writer takes (besides --out, --seed)

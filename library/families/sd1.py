@@ -303,10 +303,16 @@ ADAPTER = SD1Adapter()
 
 
 def base_model_version(args: argparse.Namespace) -> str:
-    """KS ss_base_model_version: sd_v1, or sd_v2 / sd_v2_v (--v2 with --v_parameterization)."""
+    """KS ss_base_model_version (model_util.get_model_version_str_for_sd1_sd2): sd_v1 / sd_v2, + _v with
+    --v_parameterization."""
+    return ("sd_v2" if getattr(args, "v2", False) else "sd_v1") + ("_v" if args.v_parameterization else "")
+
+
+def modelspec_architecture(args: argparse.Namespace) -> str:
+    """KS sai_model_spec: stable-diffusion-v1, or v2-512 / v2-768-v."""
     if getattr(args, "v2", False):
-        return "sd_v2" + ("_v" if args.v_parameterization else "")
-    return "sd_v1"
+        return "stable-diffusion-v2-768-v" if args.v_parameterization else "stable-diffusion-v2-512"
+    return "stable-diffusion-v1"
 
 
 def write_tiny_model(out: str, seed: int = 0, single_file: str | None = None, model_config_out: str | None = None,
@@ -323,6 +329,6 @@ FAMILY = Family(
     lora_unet_targets=lora_keys.ks_unet_targets, lora_file_format="kohya",
     lora_block_layout=lora_blocks.SD_UNET_LAYOUT,
     detects=lambda denoiser: True,   # any UNet the more specific families (tried first) do not claim
-    base_model_version=base_model_version,
+    base_model_version=base_model_version, modelspec_architecture=modelspec_architecture,
     write_tiny_model=write_tiny_model, tiny_model_flags=("single_file", "model_config_out", "v2", "v_prediction"),
     default_resolution=512, latent_channels=4)

@@ -69,6 +69,12 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                             "kohya (KS lora_unet_joint_blocks_*: KS and ComfyUI; needs --network_module "
                             "networks.lora_sd3). docs/lora-format.md")
     sd3_flags.add_arguments(group)
+    # KS sd3_train_network.py flags that are no-ops or refused here (library/ks_compat.py says why, and checks)
+    group.add_argument("--disable_mmap_load_safetensors", action="store_true")
+    group.add_argument("--text_encoder_batch_size", type=int, default=None)
+    group.add_argument("--save_clip", action="store_true")
+    group.add_argument("--save_t5xxl", action="store_true")
+    group.add_argument("--t5xxl_device", type=str, default=None)
 
 
 def _component_path(opts: SD3Options, name: str) -> str | None:
@@ -434,5 +440,5 @@ FAMILY = SD3Family(
     lora_unet_targets=lora_keys.sd3_attention_targets,
     lora_file_format="peft",   # diffusers / PEFT keys: what diffusers and ComfyUI load for SD3
     detects=lora_keys.is_sd3_transformer, base_model_version=lambda args: "sd3",
-    extra_metadata=extra_metadata,
+    modelspec_architecture=lambda args: "stable-diffusion-3", extra_metadata=extra_metadata,
     write_tiny_model=write_tiny_model, default_resolution=1024, latent_channels=16)

@@ -10,6 +10,7 @@ Stability's generative-models (SAI) `sgm/modules/encoders/modules.py`:
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from types import SimpleNamespace
@@ -285,10 +286,18 @@ def write_tiny_model(out: str, seed: int = 0) -> dict:
     return tiny_models.save_tiny_pipeline(tiny_models.build_sdxl(seed), out)
 
 
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    """SDXL's own model flags: KS sdxl_train_network.py's --disable_mmap_load_safetensors, a no-op here
+    (library/ks_compat.py)."""
+    group.add_argument("--disable_mmap_load_safetensors", action="store_true")
+
+
 FAMILY = Family(
     adapter_class=SDXLAdapter, entry_script="sdxl_train_network.py", prediction_types=("epsilon", "v_prediction"),
-    check=check_options, text_encoder_cache=True, batch_keys=SIZE_KEYS,
+    add_arguments=add_arguments, check=check_options, text_encoder_cache=True, batch_keys=SIZE_KEYS,
     lora_unet_targets=lora_keys.sai_unet_targets, lora_file_format="kohya", detects=lora_keys.is_sdxl_unet,
     lora_block_layout=lora_blocks.SDXL_UNET_LAYOUT,
     base_model_version=lambda args: "sdxl_base_v1-0",
+    modelspec_architecture=lambda args: "stable-diffusion-xl-v1-base",
+    modelspec_implementation="https://github.com/Stability-AI/generative-models",   # KS: LoRA + SDXL
     write_tiny_model=write_tiny_model, default_resolution=1024, latent_channels=4)
