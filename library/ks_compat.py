@@ -33,6 +33,7 @@ DOC = os.path.join(ROOT, "docs", "kohya-compat.md")
 class Disposition:
     kind: str
     text: str = ""
+    checked_elsewhere: bool = False  # the owning module refuses / notes it itself (check() leaves it alone)
 
 
 def honoured(text: str = "") -> Disposition:
@@ -84,11 +85,18 @@ DISPOSITIONS: dict[str, Disposition | dict[str, Disposition]] = {
         "caption_prefix", "caption_suffix", "color_aug", "flip_aug", "random_crop", "resolution", "cache_latents",
         "cache_latents_to_disk", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_no_upscale",
         "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "reg_data_dir")},
-    "bucket_reso_steps": pending(_DATA),
-    **{k: pending(_DATA) for k in (
-        "cache_info", "caption_separator", "caption_extention", "secondary_separator", "enable_wildcard",
-        "face_crop_aug_range", "debug_dataset", "vae_batch_size", "skip_cache_check", "resize_interpolation",
-        "token_warmup_min", "token_warmup_step", "dataset_class", "in_json", "dataset_repeats")},
+    "bucket_reso_steps": honoured("64 as KS, for every family"),
+    **{k: honoured("see docs/datasets.md") for k in (
+        "caption_separator", "caption_extention", "secondary_separator", "enable_wildcard", "debug_dataset",
+        "vae_batch_size", "skip_cache_check", "resize_interpolation", "token_warmup_min", "token_warmup_step",
+        "in_json", "dataset_repeats")},
+    "cache_info": Disposition(NO_OP, "every image is scanned up front anyway (sizes and captions are read and "
+                              "checked each run)", checked_elsewhere=True),
+    "face_crop_aug_range": Disposition(REFUSED, "it needs face boxes in the image file names written by KS's "
+                                       "face-detection tool; crop the images around the faces beforehand, or use "
+                                       "--random_crop", checked_elsewhere=True),
+    "dataset_class": Disposition(REFUSED, "custom dataset classes are not supported; describe the data with "
+                                 "--dataset_config ds.toml (KS schema) or --in_json", checked_elsewhere=True),
     "alpha_mask": pending("seedmethods"),
     # ---- training (add_training_arguments)
     "output_dir": honoured(),
@@ -124,9 +132,9 @@ DISPOSITIONS: dict[str, Disposition | dict[str, Disposition]] = {
     "gradient_checkpointing": honoured(),
     "gradient_accumulation_steps": honoured(),
     "mixed_precision": honoured(),
-    "full_fp16": pending("memory"),
-    "full_bf16": pending("memory"),
-    "fp8_base": pending("memory"),
+    "full_fp16": honoured("see docs/memory.md"),
+    "full_bf16": honoured("see docs/memory.md"),
+    "fp8_base": honoured("see docs/memory.md"),
     "ddp_timeout": honoured("the process-group timeout in minutes"),
     "ddp_gradient_as_bucket_view": _NO_DDP_WRAP,
     "ddp_static_graph": _NO_DDP_WRAP,
@@ -173,12 +181,12 @@ DISPOSITIONS: dict[str, Disposition | dict[str, Disposition]] = {
     "weighted_captions": refused("caption weights like (word:1.2) are not parsed here: the text would be trained "
                                  "literally; remove the weights from the captions and drop the flag"),
     # ---- train_network.py
-    "cpu_offload_checkpointing": pending("memory"),
+    "cpu_offload_checkpointing": honoured("see docs/memory.md"),
     "no_metadata": honoured("only the minimum ss_* keys and modelspec.* are written, as KS"),
     "save_model_as": refused("only safetensors is written (ckpt/pt are pickles); use --save_model_as safetensors"),
     "unet_lr": honoured(),
     "text_encoder_lr": honoured(),
-    "fp8_base_unet": pending("memory"),
+    "fp8_base_unet": honoured("see docs/memory.md"),
     "network_weights": honoured(),
     "network_module": honoured("networks.lora when unset"),
     "network_dim": honoured(),
@@ -189,7 +197,7 @@ DISPOSITIONS: dict[str, Disposition | dict[str, Disposition]] = {
     "network_train_text_encoder_only": honoured(),
     "training_comment": honoured("ss_training_comment"),
     "dim_from_weights": honoured(),
-    "scale_weight_norms": pending("networks"),
+    "scale_weight_norms": honoured("KS's max-norm, with keys_scaled / average key norm logged"),
     "base_weights": honoured("merged into the frozen model before training, as KS"),
     "base_weights_multiplier": honoured(),
     "no_half_vae": no_op("the VAE always runs in fp32"),
@@ -327,7 +335,7 @@ def check(args: argparse.Namespace, family: str, parser: argparse.ArgumentParser
     notes = []
     for flag in DISPOSITIONS:
         d = _pick(flag, flag in added)
-        if d is None or d.kind not in (REFUSED, NO_OP) or flag not in defaults:
+        if d is None or d.kind not in (REFUSED, NO_OP) or d.checked_elsewhere or flag not in defaults:
             continue
         value = getattr(args, flag, defaults[flag])
         if value == defaults[flag]:

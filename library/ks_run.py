@@ -39,6 +39,8 @@ def check(args: argparse.Namespace) -> None:
     if len(multipliers) > len(args.base_weights or []):
         raise UserError(f"--base_weights_multiplier: {len(multipliers)} values for {len(args.base_weights)} "
                         f"--base_weights files; give at most one per file")
+    if args.sample_at_first and not args.sample_prompts:
+        raise UserError("--sample_at_first needs --sample_prompts FILE")
     if args.save_n_epoch_ratio is not None and args.save_n_epoch_ratio < 1:
         raise UserError("--save_n_epoch_ratio must be a positive integer (how many saves over the run)")
     for flag in ("save_last_n_steps_state", "save_last_n_epochs_state", "max_validation_steps", "ddp_timeout"):

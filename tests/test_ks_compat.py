@@ -14,17 +14,9 @@ FAMILIES = {"sd1": "train_network.py", "sdxl": "sdxl_train_network.py", "sd3": "
 # Flags other changes implement right now: not checked against KS yet. The lead clears this set as they land
 # (and turns their `pending(...)` entries in library/ks_compat.py into their real dispositions).
 PENDING = {
-    # dataset group (ksdata)
-    "cache_info", "caption_separator", "caption_extention", "secondary_separator", "enable_wildcard",
-    "face_crop_aug_range", "debug_dataset", "vae_batch_size", "skip_cache_check", "resize_interpolation",
-    "token_warmup_min", "token_warmup_step", "dataset_class", "in_json", "dataset_repeats", "bucket_reso_steps",
     # masked loss (seedmethods)
     "masked_loss", "alpha_mask", "conditioning_data_dir",
-    # memory
-    "full_bf16", "full_fp16", "fp8_base", "fp8_base_unet", "cpu_offload_checkpointing",
-    # networks
-    "scale_weight_norms",
-    # SD3 model-specific flags (sd3)
+    # SD3 model-specific flags (the SD3 issue)
     "weighting_scheme", "training_shift", "blocks_to_swap", "t5xxl_dtype", "apply_lg_attn_mask", "apply_t5_attn_mask",
     "clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate", "pos_emb_random_crop_rate",
     "enable_scaled_pos_embed",
