@@ -128,7 +128,8 @@ def resolve_optimizer(optimizer_type: str, optimizer_args: list[str] | None = No
     key = optimizer_type.lower()
     if key in OPTIMIZERS:
         _, lookup, defaults = OPTIMIZERS[key]
-        merged = {**defaults, **kwargs}
+        # KS order: the user's arguments first, then the defaults KS adds when missing (this is ss_optimizer's order)
+        merged = {**kwargs, **{k: v for k, v in defaults.items() if k not in kwargs}}
         if key == "adafactor" and merged.get("warmup_init") and not merged.get("relative_step"):
             print("note: --optimizer_args warmup_init=True needs relative_step=True (KS sets it)")
             merged["relative_step"] = True

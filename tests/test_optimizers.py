@@ -59,6 +59,7 @@ def test_ks_default_arguments_and_ss_optimizer_name():
     assert sgd.metadata_name() == "torch.optim.sgd.SGD(momentum=0.9)"
     ada = optimizers.resolve_optimizer("Adafactor", ["scale_parameter=False"])
     assert ada.adafactor_relative_step and ada.kwargs == {"relative_step": True, "scale_parameter": False}
+    assert ada.metadata_name() == "transformers.optimization.Adafactor(scale_parameter=False,relative_step=True)"
     assert optimizers.resolve_optimizer("AdamW8bit", ["weight_decay=0.01"]).metadata_name() == \
         "bitsandbytes.optim.adamw.AdamW8bit(weight_decay=0.01)"
     assert optimizers.resolve_optimizer("AdamW").metadata_name() == "torch.optim.adamw.AdamW"
