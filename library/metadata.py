@@ -87,7 +87,7 @@ def modelspec(args: argparse.Namespace, family: str, resolution: tuple[int, int]
         resolution = (entry.default_resolution, entry.default_resolution)
     md: dict[str, Any] = {
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": entry.modelspec_architecture(args) + "/lora",
+        "modelspec.architecture": (entry.modelspec_architecture(args) or entry.name) + "/lora",
         "modelspec.implementation": entry.modelspec_implementation,
         "modelspec.title": args.metadata_title if args.metadata_title is not None else (args.output_name or "last"),
         "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
