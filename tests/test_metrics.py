@@ -186,7 +186,7 @@ def parse(*argv):
 
 def test_flag_defaults_and_checks():
     args = parse()
-    assert (args.heatmap_every_n_steps, args.validation_timesteps, args.validation_split) == (50, 10, None)
+    assert (args.heatmap_every_n_steps, args.validation_timesteps, args.validation_split) == (50, 10, 0.0)  # KS: 0.0
     validate_metric_options(args)
     validate_metric_options(parse("--validation_split", "0.2", "--validate_every_n_steps", "10"))
     for argv, flag in [(("--heatmap_every_n_steps", "0"), "--heatmap_every_n_steps"),
