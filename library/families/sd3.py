@@ -413,7 +413,9 @@ def write_tiny_model(out: str, seed: int = 0) -> dict:
 
 def extra_metadata(args: argparse.Namespace) -> dict:
     """KS sd3_train_network.update_metadata's model keys (the weighting / logit keys come from the loss config)."""
-    return {"ss_apply_lg_attn_mask": args.apply_lg_attn_mask, "ss_apply_t5_attn_mask": args.apply_t5_attn_mask}
+    return {"ss_apply_lg_attn_mask": args.apply_lg_attn_mask, "ss_apply_t5_attn_mask": args.apply_t5_attn_mask,
+            # KS writes these always (the loss config only when its sampler uses them; its values then win)
+            "ss_logit_mean": args.logit_mean, "ss_logit_std": args.logit_std, "ss_mode_scale": args.mode_scale}
 
 
 def modelspec_architecture(transformer: Any) -> str:
