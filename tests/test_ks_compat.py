@@ -120,7 +120,6 @@ def _validate(tmp_path, family, *extra):
     ("sdxl", ["--v2"], "--v2"),
     ("sd1", ["--initial_step", "10"], "--resume"),
     ("sd1", ["--weighted_captions"], "(word:1.2)"),
-    ("sd1", ["--torch_compile"], "torch.compile"),
 ])
 def test_refused_flags_stop_before_any_model_loads(tmp_path, family, flags, needle):
     with pytest.raises(UserError) as e:
