@@ -97,7 +97,7 @@ DISPOSITIONS: dict[str, Disposition | dict[str, Disposition]] = {
                                        "--random_crop", checked_elsewhere=True),
     "dataset_class": Disposition(REFUSED, "custom dataset classes are not supported; describe the data with "
                                  "--dataset_config ds.toml (KS schema) or --in_json", checked_elsewhere=True),
-    "alpha_mask": pending("seedmethods"),
+    "alpha_mask": honoured("the image's alpha channel is the loss mask (with --masked_loss); cached with the latents"),
     # ---- training (add_training_arguments)
     "output_dir": honoured(),
     "output_name": honoured("unset: files are named as KS names them (last, at-stepNNNNNNNN, epoch-NNNNNN)"),
@@ -162,8 +162,8 @@ DISPOSITIONS: dict[str, Disposition | dict[str, Disposition]] = {
     "config_file": honoured("TOML values are type-checked like the command line"),
     "output_config": pending("faults"),
     # ---- masked loss (add_masked_loss_arguments)
-    "conditioning_data_dir": pending("seedmethods"),
-    "masked_loss": pending("seedmethods"),
+    "conditioning_data_dir": honoured("mask images for --masked_loss, one per training image"),
+    "masked_loss": honoured("renormalised by mask area by default (--masked_loss_normalization none is KS's mean)"),
     # ---- deepspeed (deepspeed_utils.add_deepspeed_arguments)
     **{k: _NO_DEEPSPEED for k in ("deepspeed", "zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path",
                                   "offload_param_device", "offload_param_nvme_path", "zero3_init_flag",
@@ -218,27 +218,27 @@ DISPOSITIONS: dict[str, Disposition | dict[str, Disposition]] = {
     "disable_mmap_load_safetensors": no_op("checkpoints are read the same way either way; only KS's load speed "
                                            "on some file systems differs"),
     "text_encoder_batch_size": no_op("text-encoder outputs are cached one batch at a time; memory use only"),
-    "weighting_scheme": pending(_SD3),
+    "weighting_scheme": honoured(),
     "logit_mean": honoured(),
     "logit_std": honoured(),
     "mode_scale": honoured(),
-    "blocks_to_swap": pending(_SD3),
+    "blocks_to_swap": Disposition(NO_OP, "CPU runs have nothing to swap (one note); on CUDA it is refused until block swapping is built", checked_elsewhere=True),
     "clip_l": honoured(),
     "clip_g": honoured(),
     "t5xxl": honoured(),
     "save_clip": no_op("a LoRA run saves no text encoders (KS's LoRA trainer does not either)"),
     "save_t5xxl": no_op("a LoRA run saves no text encoders (KS's LoRA trainer does not either)"),
     "t5xxl_device": refused("T5 runs on the training device; to free it, use --cache_text_encoder_outputs"),
-    "t5xxl_dtype": pending(_SD3),
+    "t5xxl_dtype": honoured("T5 runs in this dtype (KS marks its flag as not working)"),
     "t5xxl_max_token_length": honoured(),
-    "apply_lg_attn_mask": pending(_SD3),
-    "apply_t5_attn_mask": pending(_SD3),
-    "clip_l_dropout_rate": pending(_SD3),
-    "clip_g_dropout_rate": pending(_SD3),
-    "t5_dropout_rate": pending(_SD3),
-    "pos_emb_random_crop_rate": pending(_SD3),
-    "enable_scaled_pos_embed": pending(_SD3),
-    "training_shift": pending(_SD3),
+    "apply_lg_attn_mask": honoured("padding masks reach the CLIP encoders, as in KS"),
+    "apply_t5_attn_mask": honoured("the padding mask reaches T5, as in KS"),
+    "clip_l_dropout_rate": honoured(),
+    "clip_g_dropout_rate": honoured(),
+    "t5_dropout_rate": honoured(),
+    "pos_emb_random_crop_rate": honoured("in training steps only"),
+    "enable_scaled_pos_embed": Disposition(REFUSED, "KS's per-resolution rescaled position tables are not built; train without it", checked_elsewhere=True),
+    "training_shift": honoured("an alias of --timestep_shift"),
 }
 
 

@@ -14,15 +14,13 @@ FAMILIES = {"sd1": "train_network.py", "sdxl": "sdxl_train_network.py", "sd3": "
 # Flags other changes implement right now: not checked against KS yet. The lead clears this set as they land
 # (and turns their `pending(...)` entries in library/ks_compat.py into their real dispositions).
 PENDING = {
-    # masked loss (seedmethods)
-    "masked_loss", "alpha_mask", "conditioning_data_dir",
-    # SD3 model-specific flags (the SD3 issue)
-    "weighting_scheme", "training_shift", "blocks_to_swap", "t5xxl_dtype", "apply_lg_attn_mask", "apply_t5_attn_mask",
-    "clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate", "pos_emb_random_crop_rate",
-    "enable_scaled_pos_embed",
     # --output_config refusing to overwrite (faults)
     "output_config",
 }
+
+# Defaults that differ in value but not in meaning: --training_shift is our --timestep_shift, whose None means
+# "no shift" (KS: 1.0, the identity shift); None lets the loss options tell "not given" from an explicit 1.0.
+EQUIVALENT_DEFAULTS = {"training_shift": (None, 1.0)}
 
 
 def _ks(script):
@@ -59,6 +57,8 @@ def test_every_ks_flag_is_known_with_ks_type_default_and_choices(family):
         got = {"action": _kind(action), "type": _type_name(action), "default": action.default,
                "choices": None if action.choices is None else list(action.choices), "nargs": action.nargs}
         want = {k: entry[k] for k in got}
+        if EQUIVALENT_DEFAULTS.get(name) == (got["default"], want["default"]):
+            got["default"] = want["default"]
         if got["choices"] is not None and want["choices"] is not None:
             # every KS value is accepted; values beyond KS's are our additions (e.g. more --loss_type choices)
             if set(map(str, want["choices"])) <= set(map(str, got["choices"])):
