@@ -17,8 +17,8 @@ def closest(name: str, candidates: Iterable[str]) -> str | None:
     return found[0] if found else None
 
 
-def unknown_key_message(key: str, candidates: Iterable[str], where: str) -> str:
-    """'unknown key X in WHERE; did you mean Y?' for config and dataset files."""
+def unknown_key_message(key: str, candidates: Iterable[str], where: str, kind: str = "key") -> str:
+    """'unknown key X in WHERE; did you mean Y?' for config and dataset files (kind="flag" for the command line)."""
     suggestion = closest(key, candidates)
     hint = f"; did you mean '{suggestion}'?" if suggestion else ""
-    return f"unknown key '{key}' in {where}{hint}"
+    return f"unknown {kind} '{key}' in {where}{hint}"

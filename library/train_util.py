@@ -17,8 +17,9 @@ from typing import Any, Sequence
 import toml
 
 from library.errors import UserError, unknown_key_message
-from library import ks_compat, loss_config, memory_modes, metadata, metrics, optimizers, speed
+from library import ks_compat, loss_config, memory_modes, metadata, metrics, optimizers, preflight, speed
 from library.families import get_family
+from library.fileio import atomic_write_text
 from library.losses import conditional_loss  # noqa: F401  (KS facade, re-exported for users' patches)
 
 
@@ -257,6 +258,7 @@ def setup_parser(family: str) -> argparse.ArgumentParser:
     metadata.add_metadata_arguments(parser)
     add_config_arguments(parser)
     ks_compat.add_arguments(parser, family)  # the remaining KS flags: refused or no-op, see docs/kohya-compat.md
+    preflight.add_arguments(parser)
     return parser
 
 
@@ -344,19 +346,35 @@ def parse_args(family: str, argv: Sequence[str] | None = None) -> argparse.Names
     """Parse the command line, with `--config_file` values underneath it (the command line wins)."""
     parser = setup_parser(family)
     argv = list(sys.argv[1:] if argv is None else argv)
-    first = parser.parse_args(argv)
+    first = _parse_one_line_errors(parser, argv)
     if first.config_file and not first.output_config:
         config = load_config_file(first.config_file)
         file_argv = config_to_argv(config, parser, f"--config_file {first.config_file}")
-        args = parser.parse_args(file_argv + argv)
+        args = _parse_one_line_errors(parser, file_argv + argv)
     else:
         args = first
     if args.output_config:
         if not args.config_file:
             raise UserError("--output_config: also give --config_file PATH, where the effective config is written")
-        write_config_file(args, parser, args.config_file)
-        print(f"wrote the effective config to {args.config_file}")
+        path = preflight.output_config_path(args)
+        write_config_file(args, parser, path)
+        print(f"wrote the effective config to {path}")
         raise SystemExit(0)
+    return args
+
+
+def _parse_one_line_errors(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """parse_args, but a mistake is one UserError line (an unknown flag names the closest one), not the usage."""
+    def error(message: str):
+        raise UserError(message)
+
+    parser.error = error  # argparse reports bad values through self.error
+    args, unknown = parser.parse_known_args(argv)
+    flags = [token for token in unknown if token.startswith("-")]
+    if unknown:
+        flag = (flags or unknown)[0].split("=", 1)[0]
+        raise UserError(unknown_key_message(flag, [o for a in parser._actions for o in a.option_strings],
+                                            "the command line", kind="flag"))
     return args
 
 
@@ -373,9 +391,8 @@ def write_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser,
         out[dest] = str(value) if isinstance(value, Path) else value
     if not path.endswith(".toml"):
         path += ".toml"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        toml.dump(out, f)
+    text = toml.dumps(out)  # fails (if at all) before the file is touched
+    atomic_write_text(path, text)
 
 
 def run_cli(main, family: str, argv: Sequence[str] | None = None) -> int:

@@ -10,10 +10,11 @@ never sees the UNet's forward because LoRA modules patch the frozen model's forw
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import math
 import os
-import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,11 +23,13 @@ import torch
 from tqdm import tqdm
 
 from library import checkpointing, ks_compat, ks_run, metadata as metadata_lib, metrics as metrics_lib, optimizers
-from library import lean, loss_outputs, memory_modes, sampling, speed, validation as validation_lib
+from library import interrupts, lean, loss_outputs, memory_modes, preflight, sampling, speed
+from library import validation as validation_lib
 from library.checkpointing import TrainState
+from library.data import data_warnings, latent_cache
 from library.data.loader import batch_steps
 from library.errors import UserError
-from library.families import get_family
+from library.families import detect, get_family
 from library.families.base import FamilyAdapter, ModelOptions
 from library.loss_config import LossConfig
 from networks import network_args as network_args_lib
@@ -108,8 +111,7 @@ def validate(args: argparse.Namespace, adapter: FamilyAdapter) -> Plan:
     memory = memory_modes.MemoryOptions.from_args(args)  # --full_bf16, --fp8_base, ... (KS semantics)
     ks_compat.check(args, family)  # KS flags refused here stop now; KS flags without effect print a note
     ks_run.check(args)
-    if args.resume:
-        checkpointing.check_state_folder(args.resume)
+    preflight.check_before_load(args, family)  # output folders, names, numbers, --network_weights, --resume
     cache_te = getattr(args, "cache_text_encoder_outputs", False) or getattr(args, "cache_text_encoder_outputs_to_disk", False)
     if cache_te and not args.network_train_unet_only and not hasattr(adapter, "encode_text_with_cache"):
         raise UserError("--cache_text_encoder_outputs needs --network_train_unet_only (cached outputs cannot train "
@@ -132,6 +134,9 @@ def validate(args: argparse.Namespace, adapter: FamilyAdapter) -> Plan:
     # The model path and the family's own flag rules are checked here too, before anything heavy loads.
     from library.families import loading
     loading.resolve_model_source(args.pretrained_model_name_or_path, args.allow_pickle)
+    found = detect.check_family(args.pretrained_model_name_or_path, family, getattr(args, "v2", False),
+                                args.v_parameterization)
+    preflight.check_clip_skip(getattr(args, "clip_skip", None), found.text_layers if found else None)
     get_family(family).check(model)
     prediction_type = adapter.prediction_type(model)
     loss = LossConfig.from_args(args, family, prediction_type)
@@ -278,32 +283,10 @@ class Run:
     engine: Any
     state: TrainState
     metadata: dict = field(default_factory=dict)
-    interrupted: list | None = None
+    interrupted: Any = None        # interrupts.StopSignals: .requested once Ctrl-C / SIGTERM / SIGUSR1 arrived
     metrics: Any = None            # LossMetrics: normalised and per-band losses, heatmap
     validation: Any = None         # ValidationSet, when the dataset holds validation images
     prompts: list = field(default_factory=list)
-
-
-class _deferred_interrupt:
-    """The first Ctrl-C is noted and acted on at the next step boundary (save, then exit); a second one stops at
-    once. Yields a one-element list that holds whether Ctrl-C was pressed."""
-
-    def __enter__(self) -> list:
-        import threading
-        self.flag = [False]
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
-            def handler(signum, frame):
-                if self.flag[0]:
-                    raise KeyboardInterrupt
-                self.flag[0] = True
-                print("\nCtrl-C: finishing this step, then saving the LoRA and the state (Ctrl-C again to stop now)")
-            self.previous = signal.signal(signal.SIGINT, handler)
-        return self.flag
-
-    def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
 
 
 def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
@@ -340,6 +323,8 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
         _own_weight_memory(module)
     memory_modes.apply_to_models(models, plan.memory)  # --fp8_base: before any network patches the layers
 
+    data_warnings.warn_about_long_captions({item.path: item.caption for item in group.items}, models.tokenizers[0],
+                                           args.max_token_length or 75)
     # Latents (and text-encoder outputs) are cached once, before training; the main process writes disk caches.
     # VAE sampling draws from the global RNG: seed it so cached latents are the same in every run and rank.
     torch.manual_seed(plan.seed)
@@ -351,6 +336,7 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
     ks_run.merge_base_weights(args, models, plan.weight_dtype, device)  # --base_weights: into the frozen model (KS)
     torch.manual_seed(plan.seed)  # the same LoRA initialisation on every rank and in every run with this seed
     network = _make_network(args, plan, models)
+    preflight.check_room_for_saves(args.output_dir, network, plan.save_dtype, args.save_state)
     memory_modes.enable_gradient_checkpointing(models, network, plan.memory, plan.train_text_encoder)
     network.to(device)
     memory_modes.cast_network(network, plan.memory)  # --full_bf16 / --full_fp16
@@ -415,32 +401,36 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
         print(f"training {adapter.name} LoRA: {group.num_train_images} images, {micro_per_epoch} batches per epoch "
               f"per process, {args.max_train_steps} steps, {world_size} process(es)")
 
-    try:
-        with _deferred_interrupt() as interrupted:
-            run.interrupted = interrupted
+    with interrupts.StopSignals() as stop:
+        run.interrupted = stop
+        try:
             if args.sample_at_first and run.prompts and state.step == 0:
                 _sample_images(run, sampling.sample_label(step=0))
             _loop(run, steps_per_epoch, micro_per_epoch, num_epochs)
-    except KeyboardInterrupt:
-        if accelerator.is_main_process:
-            name = checkpointing.step_name(args.output_name, run.state.step)
-            path = _save_lora(run, name)
-            _save_state(run, os.path.join(args.output_dir, name + "-state"))
-            print(f"\ninterrupted at step {run.state.step}: saved {path} and its state; resume with "
-                  f"--resume {os.path.join(args.output_dir, name + '-state')}")
-        raise SystemExit(130)
+        except KeyboardInterrupt:
+            _save_on_stop(run, stop)
+            raise SystemExit(130)
+        except interrupts.StopNow as e:
+            print(f"\n{e}: stopped without saving; the last save in {args.output_dir} is intact", file=sys.stderr)
+            raise SystemExit(130)
+        except Exception as e:  # noqa: BLE001  disk full, a bad file mid-run, a bug: keep the work, then stop
+            _save_on_failure(run, e)
 
-    accelerator.wait_for_everyone()
-    check_ranks_agree(run)
-    final_name = checkpointing.last_name(args.output_name)
-    final = os.path.join(args.output_dir, final_name + ".safetensors")
-    _heatmap_at_save(run)
-    if accelerator.is_main_process:
-        final = _save_lora(run, final_name, epoch=num_epochs)  # KS writes the planned epoch count as ss_epoch
-        if args.save_state or args.save_state_on_train_end:
-            _save_state(run, os.path.join(args.output_dir, final_name + "-state"))
-        loss_outputs.write_loss_files(run.engine, run.metrics, args.output_dir, final_name + "-")
-        print(f"saved {final}")
+        accelerator.wait_for_everyone()
+        check_ranks_agree(run)
+        final_name = checkpointing.last_name(args.output_name)
+        final = os.path.join(args.output_dir, final_name + ".safetensors")
+        _heatmap_at_save(run)
+        if accelerator.is_main_process:
+            try:
+                with stop.saving():
+                    final = _save_lora(run, final_name, epoch=num_epochs)  # KS writes the planned epoch count
+                    if args.save_state or args.save_state_on_train_end:
+                        _save_state(run, os.path.join(args.output_dir, final_name + "-state"))
+            except interrupts.SaveFailed as e:
+                _save_on_failure(run, e)
+            loss_outputs.write_loss_files(run.engine, run.metrics, args.output_dir, final_name + "-")
+            print(f"saved {final}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
@@ -482,7 +472,7 @@ def _loop(run: Run, steps_per_epoch: int, micro_per_epoch: int, num_epochs: int)
             if cluster is not None:  # the timestep-clustered optimizer steps only this cluster's state (spec §6)
                 _raw_optimizer(run.optimizer).set_cluster(cluster)
             stop_votes = all_reduce_gradients(params + learned_params, world_size,
-                                              float(bool(run.interrupted and run.interrupted[0])))
+                                              float(bool(run.interrupted and run.interrupted.requested)))
             if args.max_grad_norm:
                 accelerator.clip_grad_norm_(params, args.max_grad_norm)
             run.optimizer.step()
@@ -639,14 +629,7 @@ def _forward_backward(run: Run, batch: dict, micro_step: int):
 # 4. Setup helpers
 # ----------------------------------------------------------------------------------------------------------------
 def _cache_latents(args, adapter, models, group, accelerator) -> None:
-    import hashlib
-
-    vae = models.vae
-    digest = hashlib.sha256()
-    for name, tensor in sorted(vae.state_dict().items())[:8]:
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
-    cache_key = f"{digest.hexdigest()[:16]}-{next(vae.parameters()).dtype}"
+    cache_key = latent_cache.vae_cache_key(adapter.name, models.vae)
 
     def encode(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -672,7 +655,9 @@ def _cache_text_encoder_outputs(args, adapter, models, group, accelerator) -> No
         with torch.no_grad():
             return {k: v.float().cpu() for k, v in adapter.encode_text(models, tokens).items()}
 
-    cache_key = get_family(adapter.name).text_encoder_cache_key(args)
+    # the family's own option identity, plus the encoders' weights, the tokenizers and the text options
+    cache_key = latent_cache.text_encoder_cache_key(get_family(adapter.name).text_encoder_cache_key(args),
+                                                    models.text_encoders, models.tokenizers, args)
     to_disk = bool(getattr(args, "cache_text_encoder_outputs_to_disk", False))
     if to_disk and not accelerator.is_main_process:
         accelerator.wait_for_everyone()
@@ -743,10 +728,7 @@ def _resume(args, network, optimizer, lr_scheduler, engine, accelerator, world_s
         engine.load_state_dict(saved["engine"])
     if saved["scaler"] is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(saved["scaler"])
-    state = saved["train_state"]
-    if state.world_size != world_size:
-        raise UserError(f"--resume: the state was saved with {state.world_size} process(es), this run has "
-                        f"{world_size}; resume with the same number of processes")
+    state = saved["train_state"]  # its process count was checked against this run's before the models loaded
     if accelerator.is_main_process:
         print(f"resumed from {args.resume} at step {state.step} (epoch {state.epoch + 1})")
     return state
@@ -755,29 +737,91 @@ def _resume(args, network, optimizer, lr_scheduler, engine, accelerator, world_s
 # ----------------------------------------------------------------------------------------------------------------
 # 5. Saving
 # ----------------------------------------------------------------------------------------------------------------
-def _save_lora(run: Run, name: str, epoch: int | None = None) -> str:
-    """`epoch`: ss_epoch as KS counts it (default: the current 0-based epoch, what KS writes at step saves)."""
-    path = os.path.join(run.args.output_dir, name + ".safetensors")
-    os.makedirs(run.args.output_dir, exist_ok=True)
-    modelspec = metadata_lib.modelspec(run.args, run.adapter.name, metadata_lib.parse_resolution(run.args.resolution),
-                                       time.time())
-    md = metadata_lib.finish_metadata(run.metadata, run.state.step, run.state.epoch if epoch is None else epoch,
-                                      no_metadata=run.args.no_metadata, modelspec_keys=modelspec)
-    with optimizers.evaluation_weights(run.optimizer):  # schedule-free: save the evaluation point (KS)
-        network_args_lib.save_network_weights(run.network, path, run.plan.save_dtype, md)
+def _save_lora(run: Run, name: str, epoch: int | None = None, folder: str | None = None) -> str:
+    """`epoch`: ss_epoch as KS counts it (default: the current 0-based epoch, what KS writes at step saves);
+    `folder`: --output_dir unless an emergency copy goes elsewhere."""
+    folder = folder or run.args.output_dir
+    path = os.path.join(folder, name + ".safetensors")
+    with interrupts.save_errors(path):
+        os.makedirs(folder, exist_ok=True)
+        modelspec = metadata_lib.modelspec(run.args, run.adapter.name,
+                                           metadata_lib.parse_resolution(run.args.resolution), time.time())
+        md = metadata_lib.finish_metadata(run.metadata, run.state.step, run.state.epoch if epoch is None else epoch,
+                                          no_metadata=run.args.no_metadata, modelspec_keys=modelspec)
+        with optimizers.evaluation_weights(run.optimizer):  # schedule-free: save the evaluation point (KS)
+            network_args_lib.save_network_weights(run.network, path, run.plan.save_dtype, md)
     return path
 
 
 def _save_state(run: Run, folder: str) -> None:
     loss_map = run.engine.loss_map.values if run.engine.loss_map is not None else None
     scaler = run.accelerator.scaler.state_dict() if run.accelerator.scaler is not None else None
-    checkpointing.save_state(folder, network_state=run.network.state_dict(),
-                             optimizer_state=run.optimizer.state_dict(),
-                             scheduler_state=run.lr_scheduler.state_dict(), engine_state=run.engine.state_dict(),
-                             train_state=run.state, scaler_state=scaler,
-                             loss_map=loss_map,
-                             metrics_state=run.metrics.state_dict())
-    loss_outputs.write_loss_files(run.engine, run.metrics, folder)  # loss map CSV/PNG, learned weights, heatmap
+    with interrupts.save_errors(folder):
+        checkpointing.save_state(folder, network_state=run.network.state_dict(),
+                                 optimizer_state=run.optimizer.state_dict(),
+                                 scheduler_state=run.lr_scheduler.state_dict(), engine_state=run.engine.state_dict(),
+                                 train_state=run.state, scaler_state=scaler,
+                                 loss_map=loss_map,
+                                 metrics_state=run.metrics.state_dict(),
+                                 run_flags=preflight.state_flags(run.args, run.adapter.name,
+                                                                 run.accelerator.num_processes))
+        loss_outputs.write_loss_files(run.engine, run.metrics, folder)  # loss map CSV/PNG, learned weights, heatmap
+
+
+def _save_on_stop(run: Run, stop) -> None:
+    """Ctrl-C / SIGTERM / SIGUSR1: every rank stopped at the same step boundary; the main process saves the
+    LoRA and the state (signals held back meanwhile) and prints the command that resumes."""
+    if not run.accelerator.is_main_process:
+        return
+    name = checkpointing.step_name(run.args.output_name, run.state.step)
+    state_folder = os.path.join(run.args.output_dir, name + "-state")
+    try:
+        with stop.saving():
+            path = _save_lora(run, name)
+            _save_state(run, state_folder)
+    except interrupts.SaveFailed as e:
+        _save_on_failure(run, e)
+    print(f"\nstopped by {stop.signal_name or 'Ctrl-C'} at step {run.state.step}: saved {path} and its state "
+          f"{state_folder}\nresume with: {interrupts.resume_command(state_folder)}", flush=True)
+
+
+def _save_on_failure(run: Run, error: BaseException) -> None:
+    """A failed save, or any other error mid-run. The files already written are intact (atomic writes). If the
+    LoRA is still finite, write it and its state once more: into --output_dir unless that is what failed, else
+    into a folder on another filesystem (interrupts.emergency_folder). Then stop: a failed save with one line,
+    any other error with its own message (a traceback for a bug) after the line saying where the copy is."""
+    if not run.accelerator.is_main_process:
+        raise error
+    print(file=sys.stderr, flush=True)  # end the progress bar's line
+    name = checkpointing.step_name(run.args.output_name, run.state.step)
+    healthy = all(torch.isfinite(p).all() for p in run.network.parameters())
+    saved_in = None
+    if healthy:
+        folders = [] if isinstance(error, interrupts.SaveFailed) else [run.args.output_dir]
+        need = 4 * sum(p.numel() for p in run.network.parameters()) * 4
+        for folder in folders + [interrupts.emergency_folder(run.args.output_dir, need)]:
+            if folder is None:
+                continue
+            try:
+                _save_lora(run, name, folder=folder)
+                _save_state(run, os.path.join(folder, name + "-state"))
+                saved_in = folder
+                break
+            except interrupts.SaveFailed as e:
+                print(f"error: {e}", file=sys.stderr)
+                if folder != run.args.output_dir:
+                    interrupts.remove_folder_quietly(folder)
+    if saved_in:
+        state_folder = os.path.join(saved_in, name + "-state")
+        note = (f"the LoRA and state at step {run.state.step} were saved in {saved_in}; resume with: "
+                f"{interrupts.resume_command(state_folder, None if saved_in == run.args.output_dir else saved_in)}")
+    else:
+        note = ("no copy was saved (" + ("the LoRA holds NaN/inf" if not healthy else "no folder with room") + ")")
+    if isinstance(error, UserError):
+        kept = "; the previous LoRA and state files are intact" if isinstance(error, interrupts.SaveFailed) else ""
+        raise UserError(f"{error}{kept}; {note}") from None
+    print(f"error at step {run.state.step}: {type(error).__name__}: {error}\n{note}", file=sys.stderr, flush=True)
+    raise error
 
 
 def _maybe_save_every_n_steps(run: Run) -> None:
@@ -801,9 +845,10 @@ def _save_checkpoint(run: Run, name: str, by: str, count: int, keep_last_n: int 
     run.accelerator.wait_for_everyone()
     _heatmap_at_save(run)
     if run.accelerator.is_main_process:
-        _save_lora(run, name, epoch=run.state.epoch)  # KS: ss_epoch is the 0-based epoch at step saves, e at epoch saves
-        if run.args.save_state:
-            _save_state(run, os.path.join(run.args.output_dir, name + "-state"))
+        with run.interrupted.saving() if run.interrupted else contextlib.nullcontext():
+            _save_lora(run, name, epoch=run.state.epoch)  # KS: ss_epoch is the 0-based epoch at step saves
+            if run.args.save_state:
+                _save_state(run, os.path.join(run.args.output_dir, name + "-state"))
         out, output_name = run.args.output_dir, run.args.output_name
         checkpointing.remove_old_saves(out, output_name, keep_last_n, count, by, every, what="files")
         checkpointing.remove_old_saves(out, output_name, keep_last_n_states or keep_last_n, count, by, every,

@@ -66,7 +66,7 @@ def test_snr_gamma_alias(tmp_path):
 def test_family_specific_flags():
     # KS's SDXL parser knows --v2 (and refuses it later, as here: tests/test_ks_compat.py); unknown flags stop
     assert train_util.parse_args("sdxl", ["--v2"]).v2 is True
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="unknown flag '--precondition_outputs'"):
         train_util.parse_args("sdxl", ["--precondition_outputs"])
     assert train_util.parse_args("sd3", ["--precondition_outputs"]).precondition_outputs is True
     assert train_util.parse_args("sdxl", []).bucket_reso_steps == 64   # KS: 64 for every script

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from library.data import data_warnings
 from library.data.blueprint import DatasetConfig, SubsetConfig
 from library.data.buckets import BucketSelector, crop_offset
 from library.data.captions import (caption_has_choices, process_caption, random_caption_flags, raw_caption,
@@ -551,6 +552,8 @@ def build_dataset_group(options: DatasetOptions, max_bad_share: float = MAX_BAD_
         raise UserError("the dataset has no training images left (all are held out for validation, regularisation "
                         "images without training images, or skipped as bad files); check the image folders")
     group.make_batches(group.epoch)
+    data_warnings.warn_about_files([s.image_dir for s in subsets])
+    data_warnings.warn_about_geometry(group.items)
     _log_summary(group)
     return group
 

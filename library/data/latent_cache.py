@@ -8,6 +8,10 @@ KS writes `<stem>.npz` and reuses it after the VAE, the resolution or the image 
   text:     `<stem>_te_<hash>.safetensors`, hash of (cache_key, image file name); metadata holds cache_key and the
             exact caption text. Any difference -> recompute.
 Files are written to a temporary name and renamed, so a crash never leaves a torn cache file.
+
+The cache keys (`vae_cache_key`, `text_encoder_cache_key`) say what produced a cached tensor: a fast digest of
+the weights that matter (the VAE encoder and quant_conv, not the decoder; every text encoder), their dtype, the
+latent scaling, and the text options that change the outputs (clip_skip, token lengths, T5 on/off, masks).
 """
 from __future__ import annotations
 
@@ -22,6 +26,52 @@ from library.fileio import atomic_write
 
 LATENT_FORMAT = "latents-v1"
 TEXT_FORMAT = "text-encoder-outputs-v1"
+DIGEST_SAMPLES = 4096   # elements read per tensor: any retrained or swapped weight differs in nearly all of them
+VAE_ENCODER_PREFIXES = ("encoder.", "quant_conv.")   # what z = E(x) depends on; the decoder does not matter
+# Options that change text-encoder outputs (read from the run's options when they exist there).
+TEXT_OPTIONS = ("clip_skip", "max_token_length", "t5xxl_max_token_length", "apply_t5_attn_mask",
+                "apply_lg_attn_mask", "t5xxl_dtype")
+
+
+def weights_digest(named_tensors, samples: int = DIGEST_SAMPLES) -> str:
+    """A fast digest of many tensors: each one's name, shape, dtype and `samples` evenly spaced elements
+    (bytes of the values as stored). Reads a few MB even for a T5-XXL, on the tensors' own device."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in named_tensors:
+        flat = tensor.detach().reshape(-1)
+        if flat.numel() > samples:
+            index = torch.linspace(0, flat.numel() - 1, samples, device=flat.device).long()
+            flat = flat[index]
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def vae_cache_key(family: str, vae: torch.nn.Module) -> str:
+    """What a cached latent depends on: the family's latent formula, the VAE encoder weights and dtype, the
+    scaling and shift factors."""
+    config = getattr(vae, "config", {})
+    scale = getattr(config, "scaling_factor", None) if not isinstance(config, dict) else config.get("scaling_factor")
+    shift = getattr(config, "shift_factor", None) if not isinstance(config, dict) else config.get("shift_factor")
+    encoder = [(n, t) for n, t in vae.state_dict().items() if n.startswith(VAE_ENCODER_PREFIXES)]
+    weights = weights_digest(encoder)
+    return f"{family}-vae-{weights[:16]}-{next(vae.parameters()).dtype}-s{scale}-f{shift}"
+
+
+def text_encoder_cache_key(family: str, text_encoders: list, tokenizers: list, options) -> str:
+    """What cached text-encoder outputs depend on: every text encoder's weights and dtype (an absent one, e.g.
+    SD3 without T5, counts as 'none'), the tokenizers' vocabularies and lengths, and TEXT_OPTIONS."""
+    parts = [family]
+    for i, encoder in enumerate(text_encoders):
+        if encoder is None:
+            parts.append(f"te{i}:none")
+            continue
+        parts.append(f"te{i}:{weights_digest(encoder.state_dict().items())[:16]}:{next(encoder.parameters()).dtype}")
+    for i, tokenizer in enumerate(tokenizers):
+        if tokenizer is not None:
+            parts.append(f"tok{i}:{type(tokenizer).__name__}:{len(tokenizer)}:{getattr(tokenizer, 'model_max_length', '')}")
+    parts += [f"{name}={getattr(options, name)}" for name in TEXT_OPTIONS if hasattr(options, name)]
+    return f"{family}-te-{hashlib.blake2b('|'.join(parts).encode(), digest_size=8).hexdigest()}"
 
 
 def _short_hash(*parts: str) -> str:

@@ -106,6 +106,8 @@ class Family:
     detects: Callable[[Any], bool] = lambda denoiser: False
     # KS's block numbering of the UNet for block_dims / *_lr_weight (networks/lora_blocks.py); None: no blocks
     lora_block_layout: Any = None
+    # before loading: (detect.Checkpoint) -> detect.Detected | None, this family's folders and single files
+    recognise: Callable[[Any], Any] = lambda checkpoint: None
     # metadata: ss_base_model_version from the parsed flags
     base_model_version: Callable[[argparse.Namespace], str] = lambda args: ""
     # metadata: the family's own ss_* keys (KS writes e.g. Flux's ss_guidance_scale), values as given

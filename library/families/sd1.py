@@ -21,6 +21,7 @@ import torch
 from library import streamed_load
 from library.errors import UserError
 from library.families import loading
+from library.families import detect
 from library.families.base import Family, ModelOptions, Models
 from networks import lora_blocks, lora_keys
 
@@ -323,11 +324,38 @@ def write_tiny_model(out: str, seed: int = 0, single_file: str | None = None, mo
                                       v_prediction=v_prediction, seed=seed)
 
 
+# ----------------------------------------------------------------------------------------------
+# Recognising this family's checkpoints before loading (library/families/detect.py asks)
+# ----------------------------------------------------------------------------------------------
+def recognise_checkpoint(ckpt: detect.Checkpoint) -> detect.Detected | None:
+    """This family's diffusers folders and single files, from configs or tensor names (nothing loads)."""
+    if ckpt.kind == "diffusers":
+        if ckpt.pipeline_class and ckpt.pipeline_class not in ("StableDiffusionPipeline",
+                                                               "StableDiffusionImg2ImgPipeline"):
+            return None
+        unet = ckpt.config("unet")
+        te = ckpt.config("text_encoder")
+        if not unet or "addition_embed_type" in unet and unet["addition_embed_type"]:
+            return None
+        v2 = te.get("hidden_act") == "gelu" or unet.get("cross_attention_dim") == 1024
+        return detect.Detected(SD1Adapter.name, "SD2.x" if v2 else "SD1.x", v2=v2,
+                               v_prediction=detect.folder_prediction(ckpt), text_layers=te.get("num_hidden_layers"))
+    if ckpt.has_prefix("cond_stage_model.model."):
+        layers = ckpt.max_index(r"cond_stage_model\.model\.transformer\.resblocks\.(\d+)\.")
+        return detect.Detected(SD1Adapter.name, "SD2.x", v2=True,
+                               text_layers=None if layers is None else layers + 1)
+    if ckpt.has_prefix("cond_stage_model.transformer."):
+        layers = ckpt.max_index(r"cond_stage_model\.transformer\.(?:text_model\.)?encoder\.layers\.(\d+)\.")
+        return detect.Detected(SD1Adapter.name, "SD1.x", text_layers=None if layers is None else layers + 1)
+    return None
+
+
 FAMILY = Family(
     adapter_class=SD1Adapter, entry_script="train_network.py", prediction_types=("epsilon", "v_prediction"),
     options_class=SD1Options, add_arguments=add_arguments, aliases=("sd2",),
     lora_unet_targets=lora_keys.ks_unet_targets, lora_file_format="kohya",
     lora_block_layout=lora_blocks.SD_UNET_LAYOUT,
+    recognise=recognise_checkpoint,
     detects=lambda denoiser: True,   # any UNet the more specific families (tried first) do not claim
     base_model_version=base_model_version, modelspec_architecture=modelspec_architecture,
     write_tiny_model=write_tiny_model, tiny_model_flags=("single_file", "model_config_out", "v2", "v_prediction"),

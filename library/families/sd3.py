@@ -436,11 +436,25 @@ class SD3Family(Family):
                 f"t5{int(bool(args.apply_t5_attn_mask))}-{args.t5xxl_dtype or 'default'}")
 
 
+# ----------------------------------------------------------------------------------------------
+# Recognising this family's checkpoints before loading (library/families/detect.py asks)
+# ----------------------------------------------------------------------------------------------
+def recognise_checkpoint(ckpt: detect.Checkpoint) -> detect.Detected | None:
+    """This family's diffusers folders and single files, from configs or tensor names (nothing loads)."""
+    from library.families import detect
+    if ckpt.kind == "diffusers":
+        if ckpt.pipeline_class.startswith("StableDiffusion3") or \
+                ckpt.config("transformer").get("_class_name") == "SD3Transformer2DModel":
+            return detect.Detected(SD3Adapter.name, "SD3")
+        return None
+    return detect.Detected(SD3Adapter.name, "SD3") if ckpt.has_prefix("model.diffusion_model.joint_blocks.") else None
+
+
 FAMILY = SD3Family(
     adapter_class=SD3Adapter, entry_script="sd3_train_network.py", prediction_types=("flow", "flow_x0"),
     options_class=SD3Options, add_arguments=add_arguments, check=check_options, text_encoder_cache=True,
     lora_unet_targets=lora_keys.sd3_attention_targets,
     lora_file_format="peft",   # diffusers / PEFT keys: what diffusers and ComfyUI load for SD3
-    detects=lora_keys.is_sd3_transformer, base_model_version=lambda args: "sd3",
+    recognise=recognise_checkpoint, detects=lora_keys.is_sd3_transformer, base_model_version=lambda args: "sd3",
     modelspec_architecture=lambda args: "stable-diffusion-3", extra_metadata=extra_metadata,
     write_tiny_model=write_tiny_model, default_resolution=1024, latent_channels=16)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from library.errors import UserError
+from library.families import detect
 from library.families.base import Family, ModelOptions, Models
 from library.families.loading import (
     alphas_cumprod_from_scheduler_config,
@@ -292,11 +293,24 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--disable_mmap_load_safetensors", action="store_true")
 
 
+# ----------------------------------------------------------------------------------------------
+# Recognising this family's checkpoints before loading (library/families/detect.py asks)
+# ----------------------------------------------------------------------------------------------
+def recognise_checkpoint(ckpt: detect.Checkpoint) -> detect.Detected | None:
+    """This family's diffusers folders and single files, from configs or tensor names (nothing loads)."""
+    if ckpt.kind == "diffusers":
+        if ckpt.pipeline_class.startswith("StableDiffusionXL") or \
+                ckpt.config("unet").get("addition_embed_type") == "text_time":
+            return detect.Detected(SDXLAdapter.name, "SDXL", v_prediction=detect.folder_prediction(ckpt))
+        return None
+    return detect.Detected(SDXLAdapter.name, "SDXL") if ckpt.has_prefix("conditioner.embedders.") else None
+
+
 FAMILY = Family(
     adapter_class=SDXLAdapter, entry_script="sdxl_train_network.py", prediction_types=("epsilon", "v_prediction"),
     add_arguments=add_arguments, check=check_options, text_encoder_cache=True, batch_keys=SIZE_KEYS,
     lora_unet_targets=lora_keys.sai_unet_targets, lora_file_format="kohya", detects=lora_keys.is_sdxl_unet,
-    lora_block_layout=lora_blocks.SDXL_UNET_LAYOUT,
+    lora_block_layout=lora_blocks.SDXL_UNET_LAYOUT, recognise=recognise_checkpoint,
     base_model_version=lambda args: "sdxl_base_v1-0",
     modelspec_architecture=lambda args: "stable-diffusion-xl-v1-base",
     modelspec_implementation="https://github.com/Stability-AI/generative-models",   # KS: LoRA + SDXL
