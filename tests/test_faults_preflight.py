@@ -156,8 +156,8 @@ def test_unknown_flag_is_one_line_with_a_suggestion(monkeypatch, capsys):
         "error: unknown flag '--netwrk_dim' in the command line; did you mean '--network_dim'?"
     code = train_util.run_cli(lambda args: None, "sd1", ["--network_dim", "four"])
     one_line_error(code, capsys.readouterr().err, "--network_dim", "invalid int value")
-    code = train_util.run_cli(lambda args: None, "sd1", ["--lr_scheduler", "cosine_annealing"])
-    one_line_error(code, capsys.readouterr().err, "--lr_scheduler")
+    code = train_util.run_cli(lambda args: None, "sd1", ["--save_precision", "half"])
+    one_line_error(code, capsys.readouterr().err, "--save_precision", "invalid choice")
 
 
 # ---- #8 numbers that cannot work ------------------------------------------------------------------------------
