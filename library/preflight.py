@@ -45,10 +45,10 @@ def _is_main_process() -> bool:
 
 
 def check_before_load(args: argparse.Namespace, family: str) -> TrainState | None:
-    """All checks that need no model. Returns the state `--resume` will continue from (validated), if any."""
+    """The file checks that need no model (check_numbers runs earlier, before other flags use the numbers).
+    Returns the state `--resume` will continue from (validated), if any."""
     if args.output_name is not None:  # None: the KS default names (at / epoch / last), which are plain
         check_output_name(args.output_name)
-    check_numbers(args)
     if args.network_weights:
         check_weights_file(args.network_weights, "--network_weights")
     world_size = world_size_from_env()

@@ -111,7 +111,7 @@ def validate(args: argparse.Namespace, adapter: FamilyAdapter) -> Plan:
     memory = memory_modes.MemoryOptions.from_args(args)  # --full_bf16, --fp8_base, ... (KS semantics)
     ks_compat.check(args, family)  # KS flags refused here stop now; KS flags without effect print a note
     ks_run.check(args)
-    preflight.check_before_load(args, family)  # output folders, names, numbers, --network_weights, --resume
+    preflight.check_numbers(args)  # nan, fp16 on a CPU, negative workers, seed range: before anything uses them
     cache_te = getattr(args, "cache_text_encoder_outputs", False) or getattr(args, "cache_text_encoder_outputs_to_disk", False)
     if cache_te and not args.network_train_unet_only and not hasattr(adapter, "encode_text_with_cache"):
         raise UserError("--cache_text_encoder_outputs needs --network_train_unet_only (cached outputs cannot train "
@@ -142,6 +142,8 @@ def validate(args: argparse.Namespace, adapter: FamilyAdapter) -> Plan:
     loss = LossConfig.from_args(args, family, prediction_type)
     weight_dtype = _DTYPES[args.mixed_precision]
     model.weight_dtype = weight_dtype
+    # output folders, names, numbers, --network_weights, --resume: after the defaults above are filled in
+    preflight.check_before_load(args, family)
     return Plan(model=model, prediction_type=prediction_type, loss=loss,
                 train_unet=not args.network_train_text_encoder_only,
                 train_text_encoder=not args.network_train_unet_only, network_kwargs=network_kwargs,
