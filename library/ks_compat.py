@@ -160,7 +160,7 @@ DISPOSITIONS: dict[str, Disposition | dict[str, Disposition]] = {
     "sample_prompts": honoured(),
     "sample_sampler": honoured(),
     "config_file": honoured("TOML values are type-checked like the command line"),
-    "output_config": pending("faults"),
+    "output_config": honoured("writes --config_file and exits; refuses an existing file (--overwrite replaces it, never a run input)"),
     # ---- masked loss (add_masked_loss_arguments)
     "conditioning_data_dir": honoured("mask images for --masked_loss, one per training image"),
     "masked_loss": honoured("renormalised by mask area by default (--masked_loss_normalization none is KS's mean)"),

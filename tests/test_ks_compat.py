@@ -13,10 +13,7 @@ FAMILIES = {"sd1": "train_network.py", "sdxl": "sdxl_train_network.py", "sd3": "
 
 # Flags other changes implement right now: not checked against KS yet. The lead clears this set as they land
 # (and turns their `pending(...)` entries in library/ks_compat.py into their real dispositions).
-PENDING = {
-    # --output_config refusing to overwrite (faults)
-    "output_config",
-}
+PENDING: set[str] = set()  # flags another change is implementing right now (none)
 
 # Defaults that differ in value but not in meaning: --training_shift is our --timestep_shift, whose None means
 # "no shift" (KS: 1.0, the identity shift); None lets the loss options tell "not given" from an explicit 1.0.
