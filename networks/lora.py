@@ -28,6 +28,7 @@ from library.errors import UserError
 from library.families import get_family
 from networks.hashing import precalculate_safetensors_hashes
 from networks.lora_blocks import block_layout
+from networks.network_api import KSNetworkAPI
 from networks.lora_options import LoraOptions, validate_network_args  # noqa: F401  (KS-style module API)
 from networks.lora_keys import (LORA_PREFIX_TEXT_ENCODER, LORA_PREFIX_TEXT_ENCODER1, LORA_PREFIX_TEXT_ENCODER2,
                                 LoraTarget, detect_family, text_encoder_list, text_encoder_targets, unet_targets)
@@ -265,7 +266,7 @@ def read_lora_file(file: str, flag: str = "--network_weights") -> tuple[dict[str
 # =========================================================================================================
 # The network
 # =========================================================================================================
-class LoRANetwork(torch.nn.Module):
+class LoRANetwork(KSNetworkAPI, torch.nn.Module):
     """All LoRA modules of one model. Submodules are named by their KS names, so state_dict() keys are
     '<lora_name>.lora_down.weight', '.lora_up.weight', '.alpha' for every family."""
 
@@ -360,49 +361,6 @@ class LoRANetwork(torch.nn.Module):
         self.block_lr_weight = block_lr_weight
 
     # ---- KS training API ----------------------------------------------------------------------------------
-    def apply_to(self, text_encoder=None, unet=None, apply_text_encoder: bool = True,
-                 apply_unet: bool = True) -> None:
-        """Hook the modules into the models they were built on; a part not applied is dropped from the network
-        (not trained, not saved), as KS does."""
-        if not apply_text_encoder:
-            self._drop(self.text_encoder_loras)
-            self.text_encoder_loras = []
-        if not apply_unet:
-            self._drop(self.unet_loras)
-            self.unet_loras = []
-        for lora in self.text_encoder_loras + self.unet_loras:
-            lora.apply_to()
-
-    def _drop(self, loras: list[LoRAModule]) -> None:
-        for lora in loras:
-            lora.restore()
-            delattr(self, lora.lora_name)
-
-    def restore(self) -> None:
-        """Undo apply_to: the models compute their base outputs again (the network keeps its weights)."""
-        for lora in self.text_encoder_loras + self.unet_loras:
-            lora.restore()
-
-    def set_multiplier(self, multiplier: float) -> None:
-        self.multiplier = multiplier
-        for lora in self.text_encoder_loras + self.unet_loras:
-            lora.multiplier = multiplier
-
-    def is_mergeable(self) -> bool:
-        return True
-
-    def enable_gradient_checkpointing(self) -> None:
-        """Nothing to do: the modules run inside the checkpointed blocks of the model (KS: a no-op)."""
-
-    def prepare_grad_etc(self, text_encoder=None, unet=None) -> None:
-        self.requires_grad_(True)
-
-    def on_epoch_start(self, text_encoder=None, unet=None) -> None:
-        self.train()
-
-    def get_trainable_params(self):
-        return self.parameters()
-
     def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr) -> list[dict]:
         """Optimizer param groups: one per text encoder, one for the denoiser (KS). text_encoder_lr is a number,
         None (-> default_lr) or a list (one per text encoder; a single value is used for all). With a LoRA+ ratio
@@ -463,21 +421,8 @@ class LoRANetwork(torch.nn.Module):
             raise UserError(f"--network_weights: none of the {len(weights_sd)} keys of {source} names a LoRA "
                             f"module of this {self.family} model (first key: '{next(iter(weights_sd))}'); "
                             "is the file for another model family?")
-        own = self.state_dict()
-        for name, value in internal.items():
-            if name in own and own[name].shape != value.shape:
-                raise UserError(f"--network_weights: {name} has shape {tuple(value.shape)} in {source} but "
-                                f"{tuple(own[name].shape)} in this network; use --dim_from_weights (or the "
-                                "file's --network_dim / conv_dim)")
-        info = self.load_state_dict(internal, strict=False)
-        info = torch.nn.modules.module._IncompatibleKeys(info.missing_keys, info.unexpected_keys + unknown)
-        if info.unexpected_keys:
-            logger.warning("LoRA weights: %d keys of %s match no module, e.g. %s", len(info.unexpected_keys),
-                           source, info.unexpected_keys[:3])
-        if info.missing_keys:
-            logger.warning("LoRA weights: %d tensors of the network are not in %s, e.g. %s",
-                           len(info.missing_keys), source, info.missing_keys[:3])
-        return info
+        return self.load_mapped_weights(internal, unknown, source,
+                                        "use --dim_from_weights (or the file's --network_dim / conv_dim)")
 
     def _alpha_of(self, lora_name: str, rank: int) -> float:
         """A PEFT file keeps the network's own alpha (so resuming keeps the training parameterisation)."""

@@ -33,6 +33,7 @@ from library.fileio import atomic_write
 from networks.hashing import precalculate_safetensors_hashes
 from networks.lora import read_lora_file
 from networks.lora_keys import _linear_or_conv_in, unwrap
+from networks.network_api import KSNetworkAPI
 from networks.lora_options import check_rank_and_alpha
 
 logger = logging.getLogger(__name__)
@@ -371,7 +372,7 @@ def _rank_for(target: FluxTarget, base: int, opts: FluxNetworkOptions, double_on
 # =========================================================================================================
 # The network
 # =========================================================================================================
-class FluxLoRANetwork(torch.nn.Module):
+class FluxLoRANetwork(KSNetworkAPI, torch.nn.Module):
     """All LoRA modules on a Flux / Chroma transformer (and CLIP-L / T5). Submodules are named by KS names."""
 
     def __init__(self, text_encoders, transformer, multiplier: float = 1.0, lora_dim: int = 4, alpha: float = 1.0,
@@ -425,47 +426,6 @@ class FluxLoRANetwork(torch.nn.Module):
                     len(self.text_encoder_loras), len(self.unet_loras))
 
     # ---- KS training API -------------------------------------------------------------------------------
-    def apply_to(self, text_encoders=None, transformer=None, apply_text_encoder: bool = True,
-                 apply_unet: bool = True) -> None:
-        """Hook the modules in; a part not applied is dropped (not trained, not saved), as KS does."""
-        if not apply_text_encoder:
-            self._drop(self.text_encoder_loras)
-            self.text_encoder_loras = []
-        if not apply_unet:
-            self._drop(self.unet_loras)
-            self.unet_loras = []
-        for lora in self.text_encoder_loras + self.unet_loras:
-            lora.apply_to()
-
-    def _drop(self, loras: list[FluxLoRAModule]) -> None:
-        for lora in loras:
-            lora.restore()
-            delattr(self, lora.lora_name)
-
-    def restore(self) -> None:
-        for lora in self.text_encoder_loras + self.unet_loras:
-            lora.restore()
-
-    def set_multiplier(self, multiplier: float) -> None:
-        self.multiplier = multiplier
-        for lora in self.text_encoder_loras + self.unet_loras:
-            lora.multiplier = multiplier
-
-    def is_mergeable(self) -> bool:
-        return True
-
-    def enable_gradient_checkpointing(self) -> None:
-        """Nothing to do: the modules run inside the checkpointed blocks."""
-
-    def prepare_grad_etc(self, text_encoders=None, transformer=None) -> None:
-        self.requires_grad_(True)
-
-    def on_epoch_start(self, text_encoders=None, transformer=None) -> None:
-        self.train()
-
-    def get_trainable_params(self):
-        return self.parameters()
-
     def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr) -> list[dict]:
         """KS prepare_optimizer_params_with_multiple_te_lrs: CLIP-L, T5 and transformer groups (--text_encoder_lr
         one value for both encoders, or two), LoRA+ up groups, and one group per --network_reg_lrs pattern."""
@@ -556,13 +516,8 @@ class FluxLoRANetwork(torch.nn.Module):
         if weights_sd and not internal:
             raise UserError(f"--network_weights: none of the {len(weights_sd)} keys of {file} names a LoRA module "
                             f"of this model (first key: '{next(iter(weights_sd))}'); is it a Flux LoRA in KS format?")
-        own = self.state_dict()
-        for name, value in internal.items():
-            if name in own and own[name].shape != value.shape:
-                raise UserError(f"--network_weights: {name} has shape {tuple(value.shape)} in {file} but "
-                                f"{tuple(own[name].shape)} here; use --dim_from_weights (or the file's ranks)")
-        info = self.load_state_dict(internal, strict=False)
-        return torch.nn.modules.module._IncompatibleKeys(info.missing_keys, info.unexpected_keys + unknown)
+        return self.load_mapped_weights(internal, unknown, file,
+                                        "use --dim_from_weights (or the file's ranks)", warn=False)
 
     @torch.no_grad()
     def merge_to(self, text_encoders=None, transformer=None, weights_sd: dict | None = None, dtype=None,

@@ -34,6 +34,7 @@ from library.families import get_family
 from library.sd3_convert import _BLOCK, _QKV, _TOP
 from networks.lora import _param_groups, _per_text_encoder, read_lora_file, LoRANetwork
 from networks.lora_keys import _linear_or_conv_in, text_encoder_list, unwrap
+from networks.network_api import KSNetworkAPI
 from networks.lora_options import _bool, _block_selection, _non_negative_int, _positive_float, _probability, \
     check_rank_and_alpha
 
@@ -360,7 +361,7 @@ def _out_features(module: torch.nn.Module) -> int:
 # =========================================================================================================
 # The network
 # =========================================================================================================
-class SD3LoRANetwork(torch.nn.Module):
+class SD3LoRANetwork(KSNetworkAPI, torch.nn.Module):
     """KS networks.lora_sd3 LoRANetwork on diffusers modules. Submodules carry KS names, so state_dict() is KS's
     file layout ('<lora_name>.lora_down.weight' / '.lora_up.weight' / '.alpha')."""
 
@@ -427,30 +428,6 @@ class SD3LoRANetwork(torch.nn.Module):
         return dim
 
     # ---- KS training API --------------------------------------------------------------------------------
-    def apply_to(self, text_encoders=None, mmdit=None, apply_text_encoder: bool = True, apply_unet: bool = True):
-        if not apply_text_encoder:
-            self._drop(self.text_encoder_loras)
-            self.text_encoder_loras = []
-        if not apply_unet:
-            self._drop(self.unet_loras)
-            self.unet_loras = []
-        for lora in self.text_encoder_loras + self.unet_loras:
-            lora.apply_to()
-
-    def _drop(self, loras) -> None:
-        for lora in loras:
-            lora.restore()
-            delattr(self, lora.lora_name)
-
-    def restore(self) -> None:
-        for lora in self.text_encoder_loras + self.unet_loras:
-            lora.restore()
-
-    def set_multiplier(self, multiplier: float) -> None:
-        self.multiplier = multiplier
-        for lora in self.text_encoder_loras + self.unet_loras:
-            lora.multiplier = multiplier
-
     def set_file_format(self, file_format: str | None) -> None:
         """--lora_format peft | kohya (None: keep the default, peft)."""
         if file_format is None:
@@ -462,21 +439,6 @@ class SD3LoRANetwork(torch.nn.Module):
                             "a train_t5xxl=True network cannot be written as PEFT keys; use --lora_format kohya "
                             "(KS, ComfyUI) or drop train_t5xxl")
         self.file_format = file_format
-
-    def is_mergeable(self) -> bool:
-        return True
-
-    def enable_gradient_checkpointing(self) -> None:
-        """Nothing to do: the modules run inside the checkpointed blocks (KS: a no-op)."""
-
-    def prepare_grad_etc(self, text_encoder=None, unet=None) -> None:
-        self.requires_grad_(True)
-
-    def on_epoch_start(self, text_encoder=None, unet=None) -> None:
-        self.train()
-
-    def get_trainable_params(self):
-        return self.parameters()
 
     def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr) -> list[dict]:
         """KS prepare_optimizer_params_with_multiple_te_lrs: one group per text encoder (CLIP-L, CLIP-G, T5; a
@@ -528,21 +490,8 @@ class SD3LoRANetwork(torch.nn.Module):
         if weights_sd and not internal:
             raise UserError(f"--network_weights: none of the {len(weights_sd)} keys of {source} names a "
                             f"networks.lora_sd3 module of this model (first key: '{next(iter(weights_sd))}')")
-        own = self.state_dict()
-        for name, value in internal.items():
-            if name in own and own[name].shape != value.shape:
-                raise UserError(f"--network_weights: {name} has shape {tuple(value.shape)} in {source} but "
-                                f"{tuple(own[name].shape)} in this network; use --dim_from_weights (or the file's "
-                                "--network_dim / network_args)")
-        info = self.load_state_dict(internal, strict=False)
-        info = torch.nn.modules.module._IncompatibleKeys(info.missing_keys, info.unexpected_keys + unknown)
-        if info.unexpected_keys:
-            logger.warning("LoRA weights: %d keys of %s match no module, e.g. %s", len(info.unexpected_keys),
-                           source, info.unexpected_keys[:3])
-        if info.missing_keys:
-            logger.warning("LoRA weights: %d tensors of the network are not in %s, e.g. %s",
-                           len(info.missing_keys), source, info.missing_keys[:3])
-        return info
+        return self.load_mapped_weights(internal, unknown, source,
+                                        "use --dim_from_weights (or the file's --network_dim / network_args)")
 
     def _alpha_of(self, lora_name: str, rank: int) -> float:
         module = getattr(self, lora_name, None)
