@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 
+from library import checkpointing
 from library.errors import UserError
 from networks import network_args as network_args_lib
 from networks.lycoris_support import LYCORIS_KEYS
@@ -105,7 +106,7 @@ def test_lycoris_trains_saves_resumes_bit_exactly_and_reloads_in_lycoris(algo, s
     common = dict(network_module="lycoris.kohya", network_args=LYCORIS_RUNS[algo], network_train_unet_only=True,
                   save_every_n_steps=2, save_state=True, train_batch_size=1, scale_weight_norms=5.0)
     full = run_inprocess("sd1", base_argv(sd15, dataset, str(tmp_path / "full"), steps=4, **common))
-    state = str(tmp_path / "full" / "lora-00000002-state")
+    state = str(tmp_path / "full" / (checkpointing.step_name("lora", 2) + "-state"))
     resumed = run_inprocess("sd1", base_argv(sd15, dataset, str(tmp_path / "resumed"), steps=4, resume=state,
                                              **common))
     a, b = load_file(full), load_file(resumed)

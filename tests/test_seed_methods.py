@@ -13,6 +13,7 @@ from library.engine import LossEngine
 from library.errors import UserError
 from library.learned_weighting import LearnedWeighting, learned_objective
 from library.loss_config import LossConfig
+from library import checkpointing
 from tests.train_helpers import base_argv, lora_tensors, make_images, run_inprocess, save_tiny_sd15
 
 KIND = {"sd1": "ddpm", "sd3": "flow"}
@@ -291,7 +292,7 @@ def test_resume_with_learned_weighting_and_masked_loss_equals_uninterrupted(sd15
     common = dict(save_every_n_steps=2, save_state=True, train_batch_size=1, loss_weighting="learned",
                   masked_loss=True, conditioning_data_dir=masks, loss_map_offset=True, heatmap_every_n_steps=100)
     full = run_inprocess("sd1", base_argv(sd15, data, str(tmp_path / "full"), steps=4, **common))
-    state = str(tmp_path / "full" / "lora-00000002-state")
+    state = str(tmp_path / "full" / (checkpointing.step_name("lora", 2) + "-state"))
     for name in ("loss_map.csv", "loss_map.png", "learned_weighting.safetensors", "learned_weighting.png",
                  "loss_heatmap.png"):
         assert os.path.isfile(os.path.join(state, name)), name

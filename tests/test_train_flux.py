@@ -10,6 +10,7 @@ import statistics
 import pytest
 import torch
 
+from library import checkpointing
 from tests.train_helpers import base_argv, lora_tensors, make_images, run_inprocess
 
 T5_LEN = 16
@@ -92,7 +93,7 @@ def test_resume_equals_uninterrupted_run(models, dataset, tmp_path):
 
     common = dict(save_every_n_steps=2, save_state=True, timestep_sampling="flux_shift", loss_map_offset=True)
     full = run_inprocess("flux", flux_argv(models["dev"], dataset, str(tmp_path / "full"), steps=4, **common))
-    state = str(tmp_path / "full" / "lora-00000002-state")
+    state = str(tmp_path / "full" / (checkpointing.step_name("lora", 2) + "-state"))
     assert os.path.isdir(state), os.listdir(tmp_path / "full")
     calls = []
     real = training_loop._forward_backward

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from library import checkpointing
 from tests.train_helpers import base_argv, lora_tensors, make_images, run_inprocess, save_tiny_sd15
 
 pytestmark = pytest.mark.slow
@@ -94,7 +95,7 @@ def test_full_bf16_resume_equals_uninterrupted_run(sd15, dataset, tmp_path, flag
 
     common = dict(mixed_precision="bf16", save_every_n_steps=2, save_state=True, **flags)
     full = run_inprocess("sd1", base_argv(sd15, dataset, str(tmp_path / "full"), steps=4, **common))
-    state = str(tmp_path / "full" / "lora-00000002-state")
+    state = str(tmp_path / "full" / (checkpointing.step_name("lora", 2) + "-state"))
     assert os.path.isdir(state)
     AcceleratorState._reset_state(True)
     resumed = run_inprocess("sd1", base_argv(sd15, dataset, str(tmp_path / "resumed"), steps=4, resume=state,
