@@ -88,6 +88,14 @@ class StopSignals:
             self._saving = False
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: workers leave stop signals to their trainer process. A Ctrl-C to the process
+    group reaches the workers too; with the trainer's handler inherited they would each print the stop message
+    (and a second press would kill them mid-batch), while the trainer already finishes the step and saves."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def save_errors(path: str) -> Iterator[None]:
     """Turn a failed write of `path` into SaveFailed (one line). The writers are atomic, so the previous file

@@ -458,7 +458,7 @@ def _loop(run: Run, steps_per_epoch: int, micro_per_epoch: int, num_epochs: int)
         loader = torch.utils.data.DataLoader(
             _BatchList(run.group, remaining, state.epoch + 1, steps), batch_size=None, shuffle=False,
             num_workers=ks_run.data_loader_workers(args.max_data_loader_n_workers, bool(args.cache_latents)),
-            persistent_workers=False)
+            persistent_workers=False, worker_init_fn=interrupts.ignore_stop_signals)
         step_losses: list[torch.Tensor] = []
         for batch in loader:
             torch.manual_seed(step_seed(state.seed, state.step, micro_step, rank))
