@@ -9,13 +9,31 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sd15(tmp_path_factory) -> str:
+    """A tiny SD1.5 diffusers folder, built once per test module (a module may define its own to override)."""
+    from tests.train_helpers import save_tiny_sd15
+
+    return save_tiny_sd15(str(tmp_path_factory.mktemp("models") / "sd15"))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    """A KS folder dataset: '2_sks photo' with two captioned 64 px pictures."""
+    from tests.train_helpers import make_images
+
+    root = tmp_path_factory.mktemp("data")
+    make_images(str(root / "2_sks photo"), 2)
+    return str(root)
+
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked `inductor` compile C++ kernels for minutes: they run only with RUN_INDUCTOR_TESTS=1."""
     if os.environ.get("RUN_INDUCTOR_TESTS") == "1":
         return
-    import pytest
-
     skip = pytest.mark.skip(reason="inductor compile takes minutes; set RUN_INDUCTOR_TESTS=1 to run it")
     for item in items:
         if "inductor" in item.keywords:

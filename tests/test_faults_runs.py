@@ -15,21 +15,9 @@ import torch
 from library import checkpointing, train_util
 from library.families import get_adapter
 from library.training_loop import train
-from tests.train_helpers import PYTHON, ROOT, base_argv, lora_tensors, make_images, run_inprocess, save_tiny_sd15
+from tests.train_helpers import PYTHON, ROOT, base_argv, lora_tensors, run_inprocess
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    return save_tiny_sd15(str(tmp_path_factory.mktemp("models") / "sd15"))
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_images(str(root / "2_sks photo"), 2)
-    return str(root)
 
 
 def check_final_named_files(folder):

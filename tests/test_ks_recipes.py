@@ -9,12 +9,7 @@ from safetensors import safe_open
 
 from library import ks_compat
 from tests.test_ks_compat import PENDING
-from tests.train_helpers import make_images, run_inprocess, save_tiny_sd15
-
-
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    return save_tiny_sd15(str(tmp_path_factory.mktemp("models") / "sd15"))
+from tests.train_helpers import make_images, run_inprocess
 
 
 @pytest.fixture(scope="module")

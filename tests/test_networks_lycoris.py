@@ -60,20 +60,6 @@ def test_lycoris_flag_mistakes():
 # ---------------------------------------------------------------------------------------------------------
 # end to end: train, save, resume bit-exactly, reload with LyCORIS's own loader
 # ---------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    from tests.train_helpers import save_tiny_sd15
-    return save_tiny_sd15(str(tmp_path_factory.mktemp("models") / "sd15"))
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    from tests.train_helpers import make_images
-    root = tmp_path_factory.mktemp("data")
-    make_images(str(root / "2_sks photo"), 2)
-    return str(root)
-
-
 LYCORIS_RUNS = {
     "lokr": ["algo=lokr", "factor=4", "conv_dim=4", "conv_alpha=2"],
     "loha": ["algo=loha", "conv_dim=2", "conv_alpha=1"],

@@ -14,7 +14,7 @@ from library.errors import UserError
 from library.learned_weighting import LearnedWeighting, learned_objective
 from library.loss_config import LossConfig
 from library import checkpointing
-from tests.train_helpers import base_argv, lora_tensors, make_images, run_inprocess, save_tiny_sd15
+from tests.train_helpers import base_argv, lora_tensors, make_images, run_inprocess
 
 KIND = {"sd1": "ddpm", "sd3": "flow"}
 
@@ -279,11 +279,6 @@ def test_kmeans_clustered_mse_in_the_engine_equals_mse():
 
 
 # ------------------------------------------------------------------------------------------------------------ e2e
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    return save_tiny_sd15(str(tmp_path_factory.mktemp("models") / "sd15"))
-
-
 @pytest.mark.slow
 def test_resume_with_learned_weighting_and_masked_loss_equals_uninterrupted(sd15, masked_data, tmp_path, monkeypatch):
     """4 steps, state at step 2, resumed to 4: the LoRA, u(σ) and its Adam state are bit-identical; the loss-map,

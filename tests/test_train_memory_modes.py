@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from library import checkpointing
-from tests.train_helpers import base_argv, lora_tensors, make_images, run_inprocess, save_tiny_sd15
+from tests.train_helpers import base_argv, lora_tensors, run_inprocess
 
 pytestmark = pytest.mark.slow
 
@@ -20,18 +20,6 @@ MODES = {
     "fp8_base_unet_checkpointing_offload": (dict(mixed_precision="bf16", fp8_base_unet=True, gradient_checkpointing=True,
                                                  cpu_offload_checkpointing=True), 0.015),
 }
-
-
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    return save_tiny_sd15(str(tmp_path_factory.mktemp("models") / "sd15"))
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_images(str(root / "2_sks photo"), 2)
-    return str(root)
 
 
 @pytest.fixture(autouse=True)

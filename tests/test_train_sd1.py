@@ -9,20 +9,8 @@ from tests.train_helpers import (base_argv, lora_tensors, make_images, run_inpro
 
 
 @pytest.fixture(scope="session")
-def sd15(tmp_path_factory):
-    return save_tiny_sd15(str(tmp_path_factory.mktemp("models") / "sd15"))
-
-
-@pytest.fixture(scope="session")
 def sd15_v(tmp_path_factory):
     return save_tiny_sd15(str(tmp_path_factory.mktemp("models") / "sd15v"), v_prediction=True)
-
-
-@pytest.fixture(scope="session")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_images(str(root / "2_sks photo"), 2)
-    return str(root)
 
 
 def test_trained_lora_loads_in_diffusers_and_changes_the_image(sd15, dataset, tmp_path):
