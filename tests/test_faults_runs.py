@@ -48,13 +48,15 @@ def wait_for_steps(proc, timeout=240):
 def test_kill_9_at_random_points_then_resume_equals_the_uninterrupted_run(sd15, dataset, tmp_path):
     torch.set_num_threads(1)  # the subprocesses run with OMP_NUM_THREADS=1: the same kernels, the same bits
     common = dict(save_every_n_steps=1, save_state=True, train_batch_size=1)
-    reference = run_inprocess("sd1", base_argv(sd15, dataset, str(tmp_path / "ref"), steps=8, **common))
+    reference = run_inprocess("sd1", base_argv(sd15, dataset, str(tmp_path / "ref"), steps=24, **common))
     out = str(tmp_path / "out")
+    # 24 steps: a run must outlast wait_for_steps + the random 0-1.5 s before the kill even on an idle machine
+    # (with 8 it sometimes finished first, and resuming its final state then met the existing-output refusal)
     rng = random.Random(13)
     kills = 0
     resume = None
     for attempt in range(6):
-        argv = base_argv(sd15, dataset, out, steps=8, **common) + (["--resume", resume] if resume else [])
+        argv = base_argv(sd15, dataset, out, steps=24, **common) + (["--resume", resume] if resume else [])
         proc = start(argv)
         if kills < 3:
             wait_for_steps(proc)
