@@ -98,9 +98,13 @@ class LearnedWeighting:
     def __call__(self, noise_fraction: Tensor) -> Tensor:
         return self.net(noise_fraction)
 
-    def step(self) -> None:
-        """One Adam step on the accumulated (and, with several processes, all-reduced) gradients of u."""
-        self.optimizer.step()
+    def step(self, scaler: torch.amp.GradScaler | None = None) -> None:
+        """One Adam step on the accumulated (and, with several processes, all-reduced) gradients of u. With fp16's
+        GradScaler (the loss, so u's gradients, was scaled) through `scaler.step`: unscaled, skipped on inf/NaN."""
+        if scaler is not None and any(p.grad is not None for p in self.net.parameters()):
+            scaler.step(self.optimizer)  # (GradScaler refuses an optimizer without gradients)
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     @torch.no_grad()

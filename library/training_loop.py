@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from library import checkpointing, ks_compat, ks_run, metadata as metadata_lib, metrics as metrics_lib, optimizers
-from library import interrupts, lean, loss_outputs, memory_modes, preflight, sampling, speed
+from library import interrupts, lean, loss_outputs, loss_scaling, memory_modes, preflight, sampling, speed
 from library import validation as validation_lib
 from library.checkpointing import TrainState
 from library.data import data_warnings, latent_cache
@@ -477,10 +477,10 @@ def _loop(run: Run, steps_per_epoch: int, micro_per_epoch: int, num_epochs: int)
                                               float(bool(run.interrupted and run.interrupted.requested)))
             if args.max_grad_norm:
                 accelerator.clip_grad_norm_(params, args.max_grad_norm)
-            run.optimizer.step()
-            if engine.learned is not None:
-                engine.learned.step()
-            run.lr_scheduler.step()
+            if engine.learned is not None:  # before the LoRA's step: fp16's GradScaler.update() inside it ends the step
+                engine.learned.step(accelerator.scaler)
+            if loss_scaling.optimizer_step(accelerator, run.optimizer):
+                run.lr_scheduler.step()  # not after an update fp16's GradScaler skipped on inf/NaN (KS, accelerate)
             run.optimizer.zero_grad(set_to_none=True)
             max_norm_logs = _scale_weight_norms(run)
             state.step += 1
