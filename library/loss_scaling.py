@@ -10,7 +10,8 @@ prepared optimizer's `step` runs `scaler.step` (which skips the update when a gr
   step it once per process), so the loop asks `optimizer_step` whether the update happened. accelerate's own flag
   (`optimizer_step_was_skipped`) is set only when the optimizer's `step` was never called, but for fused
   optimizers (`--optimizer_args fused=True`) GradScaler always calls `step` and the fused kernel skips the update
-  itself: the scale is the reliable witness, since `update()` lowers it exactly when an inf/NaN was found.
+  itself (huggingface/accelerate#4242, open; its fix #4243 reads the scale the same way): the scale is the
+  reliable witness, since `update()` lowers it exactly when an inf/NaN was found.
 * u(σ) of `--loss_weighting learned` has its own Adam, and its gradients carry the same loss scale. GradScaler
   handles several optimizers (https://pytorch.org/docs/stable/notes/amp_examples.html, "Working with Multiple
   Models, Losses, and Optimizers"): `LearnedWeighting.step(scaler)` steps it through `scaler.step`, which unscales
