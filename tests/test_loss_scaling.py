@@ -14,7 +14,7 @@ import torch
 
 from library import loss_scaling
 from library.learned_weighting import LearnedWeighting
-from tests.train_helpers import base_argv, lora_tensors, make_images, run_inprocess, save_tiny_sd15
+from tests.train_helpers import base_argv, lora_tensors, run_inprocess
 
 INIT_SCALE = 1024.0
 
@@ -93,15 +93,12 @@ def test_learned_weighting_steps_on_unscaled_gradients_and_skips_inf():
 
 
 @pytest.mark.slow
-def test_skipped_fp16_step_keeps_the_schedule_and_the_scaler_state_resumes(tmp_path, monkeypatch):
+def test_skipped_fp16_step_keeps_the_schedule_and_the_scaler_state_resumes(sd15, dataset, tmp_path, monkeypatch):
     """A run with a GradScaler whose first step has an inf gradient: that update and the schedule's step are
     skipped and the scale halves; the state saved after it holds the halved scale, and a run resumed from it
     continues with that scale (a fresh scaler would start again at INIT_SCALE)."""
     from library import training_loop
 
-    model = save_tiny_sd15(str(tmp_path / "model"))
-    data = str(tmp_path / "data")
-    make_images(os.path.join(data, "1_sks photo"), 1)
     make_accelerator, forward_backward = training_loop.make_accelerator, training_loop._forward_backward
     scales = []
 
@@ -121,7 +118,7 @@ def test_skipped_fp16_step_keeps_the_schedule_and_the_scaler_state_resumes(tmp_p
     monkeypatch.setattr(training_loop, "_forward_backward", poisoned_first_step)
     out = str(tmp_path / "out")
     flags = dict(cache_latents=True, max_grad_norm=0, lr_scheduler="linear", save_every_n_steps=1, save_state=True)
-    run_inprocess("sd1", base_argv(model, data, out, steps=2, **flags))
+    run_inprocess("sd1", base_argv(sd15, dataset, out, steps=2, **flags))
     state1 = os.path.join(out, "lora-step00000001-state")
     assert torch.load(os.path.join(state1, "optimizer.pt"))["state"] == {}  # AdamW never stepped
     assert torch.load(os.path.join(state1, "lr_scheduler.pt"))["last_epoch"] == 0  # nor did the schedule
@@ -135,7 +132,7 @@ def test_skipped_fp16_step_keeps_the_schedule_and_the_scaler_state_resumes(tmp_p
 
     scales.clear()
     resumed = str(tmp_path / "resumed")
-    run_inprocess("sd1", base_argv(model, data, resumed, steps=2, resume=state1, **flags))
+    run_inprocess("sd1", base_argv(sd15, dataset, resumed, steps=2, resume=state1, **flags))
     assert scales == [INIT_SCALE / 2]
     final = lora_tensors(os.path.join(resumed, "lora.safetensors"))
     for key, value in uninterrupted.items():
