@@ -127,13 +127,13 @@ def kohya_pythonpath(kohya_python: str, workdir: str) -> str | None:
     return folder
 
 
-def common_flags(paths: dict, out: str, steps: int) -> list[str]:
+def common_flags(paths: dict, out: str, steps: int, mixed_precision: str = "no") -> list[str]:
     """The flags both trainers get (KS names)."""
     return ["--pretrained_model_name_or_path", paths["model"], "--train_data_dir", paths["data"],
             "--output_dir", out, "--output_name", "bench", "--resolution", "256", "--train_batch_size", "1",
             "--network_module", "networks.lora", "--network_dim", "16", "--network_alpha", "16",
             "--optimizer_type", "AdamW", "--learning_rate", "1e-4", "--lr_scheduler", "constant",
-            "--max_train_steps", str(steps), "--mixed_precision", "no", "--save_precision", "float",
+            "--max_train_steps", str(steps), "--mixed_precision", mixed_precision, "--save_precision", "float",
             "--save_model_as", "safetensors", "--caption_extension", ".txt", "--cache_latents",
             "--max_data_loader_n_workers", "0", "--seed", "42", "--sdpa"]
 
@@ -199,14 +199,14 @@ def per_step(result: dict, warmup: int) -> dict:
 # Pairs and the table
 # ----------------------------------------------------------------------------------------------------------------
 def run_pairs(args: argparse.Namespace, paths: dict, threads: int | None) -> list[dict]:
-    label = f"{threads}thread" if threads else "allcores"
+    label = (f"{threads}thread" if threads else "allcores") + ("" if args.mixed_precision == "no" else "_" + args.mixed_precision)
     pairs = []
     for pair in range(args.pairs):
         row = {}
         for name in ("kohya", "ours"):
             out = os.path.join(args.workdir, f"out_{name}_{label}_{pair}")
             shutil.rmtree(out, ignore_errors=True)
-            flags = common_flags(paths, out, args.steps)
+            flags = common_flags(paths, out, args.steps, args.mixed_precision)
             if name == "kohya":
                 command = [args.kohya_python, os.path.join(args.kohya, "train_network.py"), *flags,
                            "--tokenizer_cache_dir", paths["tokenizer_cache"]]
@@ -230,7 +230,7 @@ def ratio_line(pairs: list[dict], key: str) -> str:
 
 
 def print_table(results: dict[str, list[dict]]) -> None:
-    print("\n| threads | measure | ours (median) | KS (median) | ours / KS: median (min-max over pairs) |")
+    print("\n| threads, precision | measure | ours (median) | KS (median) | ours / KS: median (min-max over pairs) |")
     print("|---|---|---:|---:|---:|")
     for label, pairs in results.items():
         for key, name in (("cpu", "CPU s / step"), ("wall", "wall s / step"), ("setup", "set-up s"),
@@ -247,8 +247,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=7, help="steps per run (the first --warmup are not measured)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--workdir", default="/tmp/vs_kohya")
+    parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16"],
+                        help="both trainers (bf16: autocast on the CPU; frozen weights in bf16 in both)")
     parser.add_argument("--our_flags", nargs=argparse.REMAINDER, default=[],
-                        help="extra flags for our trainer only (e.g. --mixed_precision bf16), last on the line")
+                        help="extra flags for our trainer only (e.g. --return_freed_memory), last on the line")
     args = parser.parse_args(argv)
     if not os.path.isfile(os.path.join(args.kohya, "train_network.py")):
         parser.error(f"--kohya: {args.kohya} has no train_network.py")
@@ -257,11 +259,11 @@ def main(argv: list[str] | None = None) -> None:
     args.kohya_pythonpath = kohya_pythonpath(args.kohya_python, args.workdir)
     results = {}
     for threads in args.threads:
-        label = "all cores" if threads == "all" else f"{threads}"
+        label = ("all cores" if threads == "all" else f"{threads}") + f", {'fp32' if args.mixed_precision == 'no' else args.mixed_precision}"
         print(f"threads: {label}", flush=True)
         results[label] = run_pairs(args, paths, None if threads == "all" else int(threads))
     print_table(results)
-    with open(os.path.join(args.workdir, "results.json"), "w") as f:
+    with open(os.path.join(args.workdir, f"results_{args.mixed_precision}.json"), "w") as f:
         json.dump(results, f, indent=1)
 
 

@@ -33,6 +33,9 @@ def add_arguments(group) -> None:
                        help="torch.compile backend (KS flag; inductor, aot_eager or eager here)")
     group.add_argument("--channels_last", action="store_true",
                        help="our flag (KS has none): the UNet's conv weights and activations in channels_last layout")
+    group.add_argument("--return_freed_memory", action="store_true",
+                       help="our flag: on the CPU, give freed memory back to the system as glibc does by default "
+                            "(slower: every step page-faults its activations in again); see library/host_memory.py")
 
 
 def check(torch_compile: bool, backend: str) -> None:

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from library import checkpointing, ks_compat, ks_run, metadata as metadata_lib, metrics as metrics_lib, optimizers
-from library import interrupts, lean, loss_outputs, loss_scaling, memory_modes, preflight, sampling, speed
+from library import host_memory, interrupts, lean, loss_outputs, loss_scaling, memory_modes, preflight, sampling, speed
 from library import validation as validation_lib
 from library.checkpointing import TrainState
 from library.data import data_warnings, latent_cache
@@ -403,6 +403,7 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
         print(f"training {adapter.name} LoRA: {group.num_train_images} images, {micro_per_epoch} batches per epoch "
               f"per process, {args.max_train_steps} steps, {world_size} process(es)")
 
+    host_memory.apply(device.type, getattr(args, "return_freed_memory", False))  # set-up done: reuse the heap
     with interrupts.StopSignals() as stop:
         run.interrupted = stop
         try:
