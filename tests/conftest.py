@@ -38,3 +38,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "inductor" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _glibc_malloc_defaults():
+    """The trainer keeps freed memory in the heap once set-up is done (library/host_memory.py); the test process
+    runs hundreds of trainings of every size, so it keeps glibc's defaults. tests/test_host_memory.py checks the
+    switch itself in a child process."""
+    from library import host_memory
+
+    switch = host_memory.keep_freed_memory_in_heap
+    host_memory.keep_freed_memory_in_heap = lambda: False
+    yield
+    host_memory.keep_freed_memory_in_heap = switch
