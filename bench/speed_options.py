@@ -1,5 +1,5 @@
 """Our trainer alone, one speed option at a time: CPU and wall seconds per step at fp32 eager, --channels_last,
---torch_compile (inductor) and --mixed_precision bf16, on an SD1.5-wide UNet with one layer per block.
+--torch_compile (inductor), --mixed_precision bf16 and --return_freed_memory (glibc's malloc defaults), on an SD1.5-wide UNet with one layer per block.
 
     .venv/bin/python bench/speed_options.py [--threads 1] [--steps 8] [--warmup 3] [--variants eager compile ...]
 
@@ -21,7 +21,8 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VARIANTS = {"eager": [], "channels_last": ["--channels_last"], "compile": ["--torch_compile"],
-            "compile+channels_last": ["--torch_compile", "--channels_last"], "bf16": ["--mixed_precision", "bf16"]}
+            "compile+channels_last": ["--torch_compile", "--channels_last"], "bf16": ["--mixed_precision", "bf16"],
+            "return_freed_memory": ["--return_freed_memory"]}
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--variants", nargs="+", default=["eager", "channels_last", "compile", "bf16"],
+    parser.add_argument("--variants", nargs="+", default=["eager", "return_freed_memory", "channels_last", "compile", "bf16"],
                         choices=list(VARIANTS))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="speed_options_") as tmp:
