@@ -23,7 +23,8 @@ import torch
 from tqdm import tqdm
 
 from library import checkpointing, ks_compat, ks_run, metadata as metadata_lib, metrics as metrics_lib, optimizers
-from library import host_memory, interrupts, lean, loss_outputs, loss_scaling, memory_modes, preflight, sampling, speed
+from library import host_memory, interrupts, lean, loss_outputs, loss_scaling, memory_modes, preflight, sampling
+from library import speed
 from library import validation as validation_lib
 from library.checkpointing import TrainState
 from library.data import data_warnings, latent_cache
