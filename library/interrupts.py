@@ -29,6 +29,7 @@ from library.fileio import free_bytes, write_error_message
 DUPLICATE_WINDOW = 2.0
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
 EMERGENCY_DIR_ENV = "LORA_EMERGENCY_DIR"
+LAUNCH_COMMAND_ENV = "LORA_LAUNCH_COMMAND"  # set by library.launch: its command line up to the script
 
 
 class StopNow(BaseException):
@@ -37,6 +38,14 @@ class StopNow(BaseException):
 
 class SaveFailed(UserError):
     """Writing a LoRA or a state failed; the message is one line (what, why, room left)."""
+
+
+class OtherRankFailed(SystemExit):
+    """On the ranks that did not save: the main process's save failed, and it prints the one line. These ranks
+    leave quietly with exit code 2 (a SystemExit: no traceback, no second message)."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
 
 
 class StopSignals:
@@ -86,6 +95,30 @@ class StopSignals:
             yield
         finally:
             self._saving = False
+
+
+@contextlib.contextmanager
+def shared_outcome(world_size: int, device) -> Iterator[None]:
+    """Around a save that one rank writes: every rank learns right after it whether it failed (one all-reduce of
+    one number), so the others stop at once instead of waiting at their next collective for a peer that is gone.
+    The failing rank re-raises its error; the others raise OtherRankFailed."""
+    if world_size <= 1:
+        yield
+        return
+    import torch
+    import torch.distributed as dist
+
+    error: Exception | None = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001  shared first, raised below
+        error = e
+    flag = torch.tensor([1.0 if error is not None else 0.0], device=device)
+    dist.all_reduce(flag)
+    if error is not None:
+        raise error
+    if flag.item() > 0:
+        raise OtherRankFailed()
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
@@ -148,6 +181,10 @@ def resume_command(state_folder: str, output_dir: str | None = None) -> str:
                 del argv[i]
                 break
         argv += [flag, value]
-    launcher = ["accelerate", "launch", "--num_processes", os.environ["WORLD_SIZE"]] \
-        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ["python"]
+    if os.environ.get(LAUNCH_COMMAND_ENV):
+        launcher = shlex.split(os.environ[LAUNCH_COMMAND_ENV])
+    elif int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        launcher = ["accelerate", "launch", "--num_processes", os.environ["WORLD_SIZE"]]
+    else:
+        launcher = ["python"]
     return shlex.join(launcher + [sys.argv[0] or "train_network.py"] + argv)

@@ -425,14 +425,16 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
         final_name = checkpointing.last_name(args.output_name)
         final = os.path.join(args.output_dir, final_name + ".safetensors")
         _heatmap_at_save(run)
+        try:
+            with interrupts.shared_outcome(accelerator.num_processes, accelerator.device):
+                if accelerator.is_main_process:
+                    with stop.saving():
+                        final = _save_lora(run, final_name, epoch=num_epochs)  # KS writes the planned epoch count
+                        if args.save_state or args.save_state_on_train_end:
+                            _save_state(run, os.path.join(args.output_dir, final_name + "-state"))
+        except interrupts.SaveFailed as e:
+            _save_on_failure(run, e)
         if accelerator.is_main_process:
-            try:
-                with stop.saving():
-                    final = _save_lora(run, final_name, epoch=num_epochs)  # KS writes the planned epoch count
-                    if args.save_state or args.save_state_on_train_end:
-                        _save_state(run, os.path.join(args.output_dir, final_name + "-state"))
-            except interrupts.SaveFailed as e:
-                _save_on_failure(run, e)
             loss_outputs.write_loss_files(run.engine, run.metrics, args.output_dir, final_name + "-")
             print(f"saved {final}")
     accelerator.wait_for_everyone()
@@ -848,11 +850,13 @@ def _save_checkpoint(run: Run, name: str, by: str, count: int, keep_last_n: int 
     the files; --save_last_n_*_state, else --save_last_n_*, for the state folders, as KS)."""
     run.accelerator.wait_for_everyone()
     _heatmap_at_save(run)
+    with interrupts.shared_outcome(run.accelerator.num_processes, run.accelerator.device):  # all stop on a failure
+        if run.accelerator.is_main_process:
+            with run.interrupted.saving() if run.interrupted else contextlib.nullcontext():
+                _save_lora(run, name, epoch=run.state.epoch)  # KS: ss_epoch is the 0-based epoch at step saves
+                if run.args.save_state:
+                    _save_state(run, os.path.join(run.args.output_dir, name + "-state"))
     if run.accelerator.is_main_process:
-        with run.interrupted.saving() if run.interrupted else contextlib.nullcontext():
-            _save_lora(run, name, epoch=run.state.epoch)  # KS: ss_epoch is the 0-based epoch at step saves
-            if run.args.save_state:
-                _save_state(run, os.path.join(run.args.output_dir, name + "-state"))
         out, output_name = run.args.output_dir, run.args.output_name
         checkpointing.remove_old_saves(out, output_name, keep_last_n, count, by, every, what="files")
         checkpointing.remove_old_saves(out, output_name, keep_last_n_states or keep_last_n, count, by, every,
