@@ -1,7 +1,8 @@
 """Issue 13: what is checked before any model loads, each mistake one line and exit 2.
 
 #1 output and logging folders writable with room, #3 --output_config never overwrites, #5 existing LoRA and bad
---output_name refused, #6/#7 the family (SD1/SD2/SDXL/SD3, v-prediction) of folders and single files, #8 numbers
+--output_name refused, #6/#7 the family (SD1/SD2/SDXL/SD3/Flux/Chroma, v-prediction) of folders and single files
+(tiny Flux and Chroma models: tests/test_faults_family_flux.py), #8 numbers
 that cannot work, #10 a bad --network_weights, #12 an unknown flag names the closest one."""
 import os
 import pickle
@@ -15,7 +16,8 @@ from library.checkpointing import TrainState
 from library.errors import UserError
 from tests.fixtures.tiny import tiny_sd1_paths
 
-SCRIPTS = {"sd1": "train_network.py", "sdxl": "sdxl_train_network.py", "sd3": "sd3_train_network.py"}
+SCRIPTS = {"sd1": "train_network.py", "sdxl": "sdxl_train_network.py", "sd3": "sd3_train_network.py",
+           "flux": "flux_train_network.py", "chroma": "chroma_train_network.py"}
 
 
 class Validated(Exception):
@@ -220,6 +222,8 @@ def _fake_single_file(path, key):
 
 @pytest.mark.parametrize("key,family,script", [
     ("conditioner.embedders.1.model.ln_final.weight", "sdxl", "sdxl_train_network.py"),
+    ("double_blocks.0.img_attn.qkv.weight", "flux", "flux_train_network.py"),
+    ("model.diffusion_model.double_blocks.0.img_attn.qkv.weight", "flux", "flux_train_network.py"),
     ("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "sd3", "sd3_train_network.py"),
     ("cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight", "sd1", "train_network.py"),
     ("cond_stage_model.model.transformer.resblocks.0.mlp.c_fc.weight", "sd1", "train_network.py --v2"),
@@ -228,7 +232,7 @@ def test_single_files_of_another_family_name_the_right_script(tmp_path, monkeypa
     from library.families import detect
     path = _fake_single_file(tmp_path / "model.safetensors", key)
     assert detect.detect(path).family == family
-    for trainer in ("sd1", "sdxl", "sd3"):
+    for trainer in SCRIPTS:
         if trainer == family:
             continue
         line = one_line_error(*run(trainer, argv_for(tmp_path, model=path), monkeypatch, capsys),

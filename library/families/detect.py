@@ -1,7 +1,8 @@
 """Which model family a checkpoint is, read from its configs or tensor names before anything loads.
 
 A diffusers folder is recognised by `model_index.json` (`_class_name`) and its component configs; a single
-`.safetensors` file by its tensor names (header only, no tensor is read). SD2 is told from SD1 by the text
+`.safetensors` file by its tensor names (header only, no tensor is read). Flux.1 and Chroma single files by their BFL transformer names
+(`double_blocks.*`, Chroma's `distilled_guidance_layer.*`). SD2 is told from SD1 by the text
 encoder (OpenCLIP: `gelu`, SD1's OpenAI CLIP: `quick_gelu`; in single files `cond_stage_model.model.*` vs
 `cond_stage_model.transformer.*`); v-prediction by the scheduler's `prediction_type` (folders only: a single file
 does not say).
@@ -30,6 +31,8 @@ class Detected:
     v2: bool = False              # SD2.x architecture (needs --v2)
     v_prediction: bool | None = None   # None: the checkpoint does not say
     text_layers: int | None = None     # layers of the (first) text encoder, for --clip_skip
+    trainers: tuple[str, ...] = ()     # other families whose trainers take it too (their `check` sees the flags)
+    hint: str = ""                     # appended to "train it with <script>" (another way to train it)
 
 
 @dataclass
@@ -133,8 +136,8 @@ def check_family(path: str, family: str, v2: bool, v_parameterization: bool) -> 
     if found is None:
         return None
     script = _entry_script(found.family)
-    if found.family != family:
-        extra = " --v2" if found.v2 else ""
+    if found.family != family and family not in found.trainers:
+        extra = (" --v2" if found.v2 else "") + found.hint
         article = "an" if found.what.startswith("S") else "a"
         raise UserError(f"{FLAG}: '{path}' is {article} {found.what} model, but this is {_entry_script(family)}; "
                         f"train it with {script}{extra}")

@@ -116,6 +116,7 @@ def check(opts: FluxOptions) -> None:
             raise UserError(f"{flag}: '{path}' does not exist")
     if opts.ae and opts.vae:
         raise UserError("--ae and --vae: both name the autoencoder; keep one (--ae is the KS Flux flag)")
+    check_model_type_of_checkpoint(opts)
 
 
 def notes(opts: FluxOptions) -> list[str]:
@@ -519,6 +520,36 @@ def write_tiny_model(out: str, seed: int = 0, single_file: str | None = None, mo
     return paths
 
 
+# ----------------------------------------------------------------------------------------------
+# Recognising Flux.1 / Chroma checkpoints before loading (library/families/detect.py asks)
+# ----------------------------------------------------------------------------------------------
+def checkpoint_is_chroma(ckpt) -> bool | None:
+    """True (Chroma) / False (Flux.1) for a diffusers folder or a BFL single file, None when it is neither
+    (diffusers: the pipeline or transformer class; single files: KS flux_utils.analyze_checkpoint_state's names)."""
+    if ckpt.kind == "diffusers":
+        names = (ckpt.pipeline_class, str(ckpt.config("transformer").get("_class_name", "")))
+        if any(n.startswith("Chroma") for n in names):
+            return True
+        return False if any(n.startswith("Flux") for n in names) else None
+    layout = flux_convert.detect_layout(flux_convert.strip_prefix(dict.fromkeys(ckpt.keys)))
+    return None if layout is None else layout.chroma
+
+
+def recognise_checkpoint(ckpt) -> Any:
+    """Flux.1 folders and files (dev, schnell); Chroma's are the chroma entry's."""
+    from library.families import detect
+    return detect.Detected(FluxAdapter.name, "Flux.1") if checkpoint_is_chroma(ckpt) is False else None
+
+
+def check_model_type_of_checkpoint(opts: FluxOptions) -> None:
+    """Before loading: --model_type agrees with the checkpoint (a Chroma file needs --model_type chroma)."""
+    from library.families import detect
+    found = detect.detect(opts.pretrained_model_name_or_path)
+    if found is not None and found.family in (FluxAdapter.name, "chroma"):
+        _check_model_type(flux_convert.BFLLayout(chroma=found.family == "chroma", guidance=False, num_double=0,
+                                                 num_single=0), opts, f"'{opts.pretrained_model_name_or_path}'")
+
+
 class FluxFamily(Family):
     def text_encoder_cache_key(self, args: argparse.Namespace) -> str:
         """Cached T5 / CLIP outputs depend on the model type, the T5 length and the mask."""
@@ -530,5 +561,6 @@ FAMILY = FluxFamily(
     adapter_class=FluxAdapter, entry_script="flux_train_network.py", prediction_types=("flow", "flow_x0"),
     options_class=FluxOptions, add_arguments=add_arguments, check=check, text_encoder_cache=True,
     lora_unet_targets=peft_targets, lora_file_format="peft", detects=is_flux_transformer,
+    recognise=recognise_checkpoint,
     base_model_version=base_model_version, extra_metadata=extra_metadata, write_tiny_model=write_tiny_model,
     tiny_model_flags=("single_file", "model_config_out"), default_resolution=1024, latent_channels=16)
