@@ -178,7 +178,9 @@ def validate_state_folder(folder: str, expected_flags: dict | None = None) -> Tr
             if key in saved and _normalise(saved[key]) != _normalise(value):
                 if key == "world_size":
                     raise UserError(f"--resume: the state was saved with {saved[key]} process(es), this run has "
-                                    f"{value}; resume with the same number of processes")
+                                    f"{value}; resume with the same number of processes (each has its share of "
+                                    "the epoch and its own generator), or start a new run from the LoRA file "
+                                    "saved with this state (--network_weights)")
                 if key == "family":
                     raise UserError(f"--resume: the state was saved by the {saved[key]} trainer, this is {value}; "
                                     "resume with the trainer that saved it")

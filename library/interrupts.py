@@ -3,10 +3,12 @@
 * SIGINT (Ctrl-C), SIGTERM (docker stop, SLURM pre-emption, a spot-instance reclaim) and SIGUSR1 (SLURM
   `--signal=USR1@120`) all mean "finish this step on every rank, save the LoRA and the state, print how to
   resume". The ranks agree on the stop in the step's gradient all-reduce (training_loop.all_reduce_gradients).
-* The same signal again within DUPLICATE_WINDOW seconds is ignored: `accelerate launch` forwards the Ctrl-C it
-  received to its workers, so each worker sees one key press twice. A later one stops at once without saving
+* The same signal again within DUPLICATE_WINDOW seconds is ignored (a double key press; a worker started in the
+  terminal's process group also gets the copy its launcher forwards). A later one stops at once without saving
   (StopNow); while a save is being written, signals only print a note, so the save completes (no lone
-  `-state.tmp`).
+  `-state.tmp`). Launchers: library/launch.py forwards every signal and never kills a saving worker on a timer.
+* With several processes only the main process writes; `shared_outcome` tells every rank right after a save
+  whether it failed, so all stop at once with the one line.
 * A save that fails (disk full, read-only, quota) becomes SaveFailed, one line; the caller then writes one
   emergency copy on another filesystem and says where.
 """

@@ -173,6 +173,10 @@ def test_unknown_flag_is_one_line_with_a_suggestion(monkeypatch, capsys):
     (dict(max_data_loader_n_workers=-1), "--max_data_loader_n_workers: -1"),
     (dict(seed=2**64 + 1), "--seed"),
     (dict(seed=-1), "--seed"),
+    (dict(network_dim=0), "--network_dim"),
+    (dict(network_dim=-4), "--network_dim"),
+    (dict(network_alpha=-1), "--network_alpha"),
+    (dict(network_args="conv_dimm=4"), "did you mean 'conv_dim'"),
 ])
 def test_numbers_that_cannot_work_fail_before_load(tmp_path, monkeypatch, capsys, flags, needle):
     if "mixed_precision" in flags:

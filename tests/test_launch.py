@@ -118,6 +118,24 @@ def test_accelerate_arguments_decide_who_launches():
     assert launch.main(["--multi_gpu", "--num_processes", "1", "x.py"]) == 2  # accelerate's own check, one line
 
 
+def test_one_process_runs_the_script_in_the_launcher_process(monkeypatch):
+    """No --multi_gpu: the launcher becomes the script (exec), with accelerate's environment; no worker, no
+    forwarding, Ctrl-C reaches the trainer directly."""
+    calls = []
+
+    def execvpe(file, argv, env):
+        calls.append((file, argv, env))
+        raise SystemExit(0)
+    monkeypatch.setattr(os, "execvpe", execvpe)
+    monkeypatch.setattr(launch, "run_workers", lambda *a: pytest.fail("no workers for one process"))
+    with pytest.raises(SystemExit):
+        launch.main(["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "bf16",
+                     "--dynamo_backend", "no", "train_network.py", "--seed", "1"])
+    (file, argv, env), = calls
+    assert file == sys.executable and argv == [sys.executable, "train_network.py", "--seed", "1"]
+    assert env["ACCELERATE_MIXED_PRECISION"] == "bf16" and launch.LAUNCH_COMMAND_ENV not in env
+
+
 def test_worker_environments_and_the_resume_command(monkeypatch):
     argv = ACCELERATE_FLAGS + ["--main_process_port", "0", "train_network.py", "--seed", "1", "--resume", "/o/a"]
     args = launch.parse(argv)
