@@ -188,3 +188,39 @@ def test_resume_command_without_our_launcher(monkeypatch, world):
     monkeypatch.setattr(sys, "argv", ["train_network.py", "--seed", "1"])
     expected = "python" if world == 1 else "accelerate launch --num_processes 2"
     assert interrupts.resume_command("/o/s") == f"{expected} train_network.py --seed 1 --resume /o/s"
+
+
+LONG_SAVE = """
+import os, signal, sys, time
+got = []
+signal.signal(signal.SIGINT, lambda s, f: got.append(s))
+print('ready', flush=True)
+while not got:
+    time.sleep(0.05)
+time.sleep(float(sys.argv[2]))  # a save longer than torch's 30 s shutdown timeout
+open(sys.argv[1] + os.environ['RANK'], 'w').write('complete')
+sys.exit(130)
+"""
+
+
+@pytest.mark.slow
+def test_a_save_longer_than_torchs_30_s_timeout_completes(tmp_path):
+    """`accelerate launch` SIGKILLs workers 30 s after a Ctrl-C (measured: its agent logs 'Unable to shutdown
+    process ... via 2, forcefully exiting via 9' and a 60 s 'save' never completes); ours waits."""
+    import subprocess
+    script = tmp_path / "long_save.py"
+    script.write_text(LONG_SAVE)
+    mark = str(tmp_path / "saved-rank")
+    proc = subprocess.Popen([sys.executable, "-m", "library.launch", *ACCELERATE_FLAGS, str(script), mark, "35"],
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    ready = 0
+    while ready < 2:
+        line = proc.stdout.readline()
+        assert line, "the workers did not start"
+        ready += line.strip() == "ready"
+    os.killpg(proc.pid, signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, out
+    assert [open(mark + r).read() for r in "01"] == ["complete", "complete"]
+    assert "Traceback" not in out
