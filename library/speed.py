@@ -2,6 +2,7 @@
 
     add_arguments(group)                 the flags (KS names; --channels_last is ours: KS has none)
     check(torch_compile, backend)        UserError for backends that cannot run here, before models load
+    check_mixed_precision(mixed_precision)   a note for bf16 on a GPU that only emulates it (use fp16 there)
     apply(models, channels_last, compile_backend)   after the network is applied: channels_last, then compile
 
 Compile: `module.compile()` (in place, state_dict keys unchanged) of the denoiser, after LoRA has routed the
@@ -42,6 +43,28 @@ def check(torch_compile: bool, backend: str) -> None:
     if torch_compile and backend not in SUPPORTED_BACKENDS:
         raise UserError(f"--dynamo_backend {backend}: not supported here; use one of "
                         f"{', '.join(SUPPORTED_BACKENDS)} (inductor is the one that speeds up)")
+
+
+def bf16_note(mixed_precision: str | None, capability: tuple[int, int] | None, device_name: str = "GPU") -> str | None:
+    """A note for --mixed_precision bf16 on a CUDA GPU below compute capability 8 (Volta, Turing: V100, T4, RTX 20xx).
+
+    torch reports bf16 there only as emulated (torch.cuda.is_bf16_supported(including_emulation=True): native from
+    major 8) and accelerate accepts it; those GPUs have fp16 Tensor Cores, not bf16 ones, and SDPA's
+    memory-efficient kernel takes bf16 only from sm80 (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp).
+    `capability` None: no CUDA device."""
+    if mixed_precision != "bf16" or capability is None or capability[0] >= 8:
+        return None
+    return (f"note: --mixed_precision bf16 on {device_name} (compute capability {capability[0]}.{capability[1]}): "
+            "bf16 is only emulated below 8.0; --mixed_precision fp16 runs on this GPU's Tensor Cores")
+
+
+def check_mixed_precision(mixed_precision: str | None) -> None:
+    """Print bf16_note for the GPU accelerate will use (the current CUDA device), if any."""
+    if not torch.cuda.is_available():
+        return
+    note = bf16_note(mixed_precision, torch.cuda.get_device_capability(), torch.cuda.get_device_name())
+    if note:
+        print(note)
 
 
 def apply(models, channels_last: bool = False, compile_backend: str | None = None) -> None:

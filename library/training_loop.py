@@ -76,6 +76,7 @@ def validate(args: argparse.Namespace, adapter: FamilyAdapter) -> Plan:
     if args.gradient_accumulation_steps < 1:
         raise UserError("--gradient_accumulation_steps must be at least 1")
     speed.check(getattr(args, "torch_compile", False), getattr(args, "dynamo_backend", "inductor"))
+    speed.check_mixed_precision(args.mixed_precision)  # bf16 on a pre-Ampere GPU: fp16 is the fast choice
     if args.train_batch_size < 1:
         raise UserError("--train_batch_size must be at least 1")
     if args.max_train_steps is not None and args.max_train_steps < 1 and not args.max_train_epochs:

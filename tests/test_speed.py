@@ -66,3 +66,34 @@ def test_unsupported_dynamo_backend_is_refused_before_loading(setup, tmp_path):
     model, data, _ = setup
     with pytest.raises(UserError, match="--dynamo_backend"):
         run_inprocess("sd1", base_argv(model, data, str(tmp_path), torch_compile=True, dynamo_backend="tvm"))
+
+
+@pytest.mark.parametrize("mixed, capability, noted", [
+    ("bf16", (7, 5), True),    # T4: bf16 emulated
+    ("bf16", (7, 0), True),    # V100
+    ("bf16", (8, 6), False),   # RTX 30xx: native bf16
+    ("fp16", (7, 5), False),
+    ("no", (7, 5), False),
+    ("bf16", None, False),     # no CUDA device (CPU bf16 autocast is the CPU's business)
+])
+def test_bf16_note_only_below_compute_capability_8(mixed, capability, noted):
+    from library import speed
+
+    note = speed.bf16_note(mixed, capability, "Tesla T4")
+    assert (note is not None) == noted
+    if noted:
+        assert "--mixed_precision fp16" in note and f"{capability[0]}.{capability[1]}" in note
+
+
+def test_check_mixed_precision_reads_the_current_cuda_device(monkeypatch, capsys):
+    import torch
+
+    from library import speed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    speed.check_mixed_precision("bf16")
+    assert "Tesla T4 (compute capability 7.5)" in capsys.readouterr().out
+    speed.check_mixed_precision("fp16")
+    assert capsys.readouterr().out == ""
