@@ -1,13 +1,18 @@
 """Streamed single-file loading: read and cast one tensor at a time, never the whole fp16 file beside the models.
 
-    lazy_safetensors(path) -> dict[str, Tensor]   meta tensors (right shape/dtype) that know where their bytes are
+    lazy_safetensors(path) -> dict[str, Tensor]   lazy tensors (meta, right shape/dtype) that know where their bytes are
     materialise(tensor, dtype) -> Tensor          the real values, cast to dtype (a real tensor is cast as is)
+    with whole_files(): ...                       loads read whole files as before (the tests and
+                                                  bench/load_memory.py compare the two)
 
-How it works: the key converters (diffusers' single_file_utils) only rename keys, and for a few weights take a view
-(`w[:, :, 0, 0]`, `w.chunk(3)`, `w[:d]`). Run on meta tensors, they return the very same tensor objects, or views
-of them; each source meta tensor carries (reader, key), and a view is replayed on the real bytes with
-`as_strided(size, stride, storage_offset)` of the view. A converter that computes a new tensor (torch.cat,
-arithmetic) gives a meta tensor with no source: materialise raises, the caller must load eagerly for it.
+How it works: the key converters (diffusers' single_file_utils, library/flux_convert) rename keys and, for some
+weights, slice (`w[:, :, 0, 0]`, `w.chunk(3)`), copy (`.clone()`) or compute (`torch.cat([shift, scale])`). A lazy
+tensor is a meta tensor of a small subclass whose __torch_function__ writes down how every tensor derived from it
+was made (the op, its arguments, which output): the converters run unchanged on shapes only, and materialise()
+replays the recipe on the real bytes when the model takes that one weight. A file tensor that is sliced by several
+recipes (a fused qkv split into q, k, v) is read once into a two-entry cache. In-place ops on lazy tensors raise.
+The replayed ops are the converters' own ops on the same file dtype, so the values are bit-identical to converting
+the whole loaded state dict; the cast comes last in both.
 
 Bytes are read with plain file reads (readinto), not mmap: a mapped file counts in the process's RSS (RssFile) for
 as long as the mapping lives, a read goes through the page cache only. The safetensors layout is 8 bytes of
@@ -15,15 +20,21 @@ little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
+from collections import OrderedDict
+from typing import Any
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_map
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-_SOURCE = "_streamed_source"
+_SOURCE = "_streamed_source"   # (reader, key) for a file tensor, (func, args, kwargs, output index) for a derived one
+_STREAMING = [True]             # a stack: whole_files() pushes False
+_CACHED_READS = 2              # a fused tensor's q/k/v slices are taken in turn with its bias's (SD3, Flux)
 
 
 class _Reader:
@@ -34,8 +45,14 @@ class _Reader:
             self.header = json.loads(f.read(length))
         self.header.pop("__metadata__", None)
         self.data_start = 8 + length
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
-    def read(self, key: str) -> torch.Tensor:
+    def read(self, key: str, cache: bool = False) -> torch.Tensor:
+        """The tensor's bytes in memory of its own (64-byte aligned, as torch allocates). cache=True keeps the
+        last few such reads: for tensors that several recipes slice."""
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
         info = self.header[key]
         begin, end = info["data_offsets"]
         raw = torch.empty(end - begin, dtype=torch.uint8)
@@ -43,39 +60,85 @@ class _Reader:
             f.seek(self.data_start + begin)
             if f.readinto(raw.numpy()) != end - begin:
                 raise OSError(f"{self.path}: truncated tensor {key}")
-        return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        tensor = raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        if cache:
+            self._cache[key] = tensor
+            while len(self._cache) > _CACHED_READS:
+                self._cache.popitem(last=False)
+        return tensor
+
+
+class LazyTensor(torch.Tensor):
+    """A meta tensor that records, on every tensor derived from it, the op that made it (see the module doc)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name == "__setitem__" or (name.endswith("_") and not name.endswith("__")):
+            raise RuntimeError(f"in-place {name} on a lazily loaded weight; load this checkpoint eagerly")
+        out = super().__torch_function__(func, types, args, kwargs)
+        with torch._C.DisableTorchFunctionSubclass():
+            inputs = {id(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+            for index, leaf in enumerate(tree_flatten(out)[0]):
+                if isinstance(leaf, LazyTensor) and id(leaf) not in inputs and leaf.is_meta:
+                    setattr(leaf, _SOURCE, (func, args, kwargs, index))
+        return out
+
+
+@contextlib.contextmanager
+def whole_files():
+    """Inside this block, single files are loaded whole (safetensors load_file), then converted and cast."""
+    _STREAMING.append(False)
+    try:
+        yield
+    finally:
+        _STREAMING.pop()
+
+
+def streaming() -> bool:
+    return _STREAMING[-1]
 
 
 def lazy_safetensors(path: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a .safetensors file as a meta tensor that materialise() can read back. Unknown dtypes
+    """Every tensor of a .safetensors file as a lazy meta tensor that materialise() can read back. Unknown dtypes
     raise KeyError (the caller falls back to an eager load)."""
     reader = _Reader(path)
     state = {}
     for key, info in reader.header.items():
-        tensor = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]], device="meta")
+        tensor = torch.Tensor._make_subclass(
+            LazyTensor, torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]], device="meta"))
         setattr(tensor, _SOURCE, (reader, key))
         state[key] = tensor
     return state
 
 
 def is_lazy(tensor: torch.Tensor) -> bool:
-    return tensor.is_meta
+    return isinstance(tensor, LazyTensor)
+
+
+def _real(tensor: torch.Tensor, sliced: bool) -> torch.Tensor:
+    """The values of a lazy tensor in the file's dtype (possibly a view of a larger real tensor)."""
+    source = getattr(tensor, _SOURCE, None)
+    if source is None:
+        raise RuntimeError("a converted weight was made from lazy tensors in a way that was not recorded; load "
+                           "this checkpoint eagerly")
+    if isinstance(source[0], _Reader):
+        reader, key = source
+        return reader.read(key, cache=sliced)
+    func, args, kwargs, index = source
+    real_args, real_kwargs = tree_map(lambda t: _real(t, True) if isinstance(t, LazyTensor) else t, (args, kwargs))
+    with torch._C.DisableTorchFunctionSubclass():
+        return tree_flatten(func(*real_args, **real_kwargs))[0][index]
 
 
 def materialise(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The real values of `tensor` (read from the file when it is a lazy meta tensor or a view of one), cast to
-    `dtype` when it is floating point; the result owns its memory."""
-    if tensor.is_meta:
-        base = tensor if hasattr(tensor, _SOURCE) else tensor._base
-        source = getattr(base, _SOURCE, None) if base is not None else None
-        if source is None:
-            raise RuntimeError("a converted weight was computed from lazy tensors (not a view of one); load this "
-                               "checkpoint eagerly")
-        reader, key = source
-        real = reader.read(key)
-        if base is not tensor:
-            real = real.as_strided(tensor.size(), tensor.stride(), tensor.storage_offset()).clone()
-        tensor = real
+    """The real values of `tensor` (replayed from the file when it is lazy), cast to `dtype` when it is floating
+    point; a lazy tensor's result owns its memory (a slice of a fused weight is copied out)."""
+    if isinstance(tensor, LazyTensor):
+        tensor = _real(tensor, False)
+        if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
+            tensor = tensor.clone()
     if dtype is not None and tensor.is_floating_point():
         tensor = tensor.to(dtype)
     return tensor

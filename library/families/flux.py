@@ -265,7 +265,7 @@ def _layout_of_single_file(opts: FluxOptions, checkpoint: dict[str, torch.Tensor
 
 
 def _load_single_file(opts: FluxOptions, path: str) -> tuple:
-    checkpoint = loading.load_single_file_state_dict(path, opts.allow_pickle, SOURCE_FLAG)
+    checkpoint = loading.load_single_file_state_dict(path, opts.allow_pickle, SOURCE_FLAG, lazy=True)
     layout = _layout_of_single_file(opts, checkpoint)
     config_dir = loading.config_dir_for("chroma" if layout.chroma else f"flux-{layout.variant}", opts.model_config)
     transformer = _transformer_from_bfl(checkpoint, config_dir, opts)
@@ -281,12 +281,12 @@ def _load_single_file(opts: FluxOptions, path: str) -> tuple:
         if not opts.clip_l:
             raise UserError("--clip_l: required for Flux with a single-file checkpoint (e.g. clip_l.safetensors)")
         encoders.append(_clip_from_state_dict(loading.load_single_file_state_dict(
-            os.path.expanduser(opts.clip_l), opts.allow_pickle, "--clip_l"), config_dir, opts))
+            os.path.expanduser(opts.clip_l), opts.allow_pickle, "--clip_l", lazy=True), config_dir, opts))
         tokenizers.append(loading.load_clip_tokenizer(config_dir, "tokenizer"))
     tokenizers.append(_t5_tokenizer([(config_dir, "tokenizer" if chroma else "tokenizer_2")],
                                     opts.tokenizer_cache_dir))
     encoders.append(_t5_from_state_dict(loading.load_single_file_state_dict(
-        os.path.expanduser(opts.t5xxl), opts.allow_pickle, "--t5xxl"), config_dir, t5_subfolder, opts))
+        os.path.expanduser(opts.t5xxl), opts.allow_pickle, "--t5xxl", lazy=True), config_dir, t5_subfolder, opts))
     return transformer, encoders, tokenizers, config_dir, layout.variant
 
 
@@ -316,13 +316,14 @@ def _load_diffusers(opts: FluxOptions, root: str) -> tuple:
     t5_subfolder = "text_encoder" if is_chroma else "text_encoder_2"
     if not is_chroma:
         encoders.append(_clip_from_state_dict(loading.load_single_file_state_dict(
-            os.path.expanduser(opts.clip_l), opts.allow_pickle, "--clip_l"), root, opts) if opts.clip_l else
+            os.path.expanduser(opts.clip_l), opts.allow_pickle, "--clip_l", lazy=True), root, opts) if opts.clip_l else
             loading.load_component(CLIPTextModel, root, "text_encoder", opts.weight_dtype, opts.allow_pickle,
                                    SOURCE_FLAG))
         tokenizers.append(loading.load_clip_tokenizer(root, "tokenizer", flag=SOURCE_FLAG))
     tokenizers.append(_t5_tokenizer([(root, "tokenizer" if is_chroma else "tokenizer_2")], opts.tokenizer_cache_dir))
     encoders.append(_t5_from_state_dict(loading.load_single_file_state_dict(
-        os.path.expanduser(opts.t5xxl), opts.allow_pickle, "--t5xxl"), root, t5_subfolder, opts) if opts.t5xxl else
+        os.path.expanduser(opts.t5xxl), opts.allow_pickle, "--t5xxl", lazy=True), root, t5_subfolder, opts)
+        if opts.t5xxl else
         loading.load_component(T5EncoderModel, root, t5_subfolder, opts.weight_dtype, opts.allow_pickle, SOURCE_FLAG))
     variant = "chroma" if is_chroma else ("dev" if transformer.config.guidance_embeds else "schnell")
     return transformer, encoders, tokenizers, root, variant

@@ -110,8 +110,9 @@ def load_single_file_state_dict(path: str, allow_pickle: bool = False,
                                 lazy: bool = False) -> dict[str, torch.Tensor]:
     """All tensors of a single-file checkpoint on the CPU.
 
-    lazy=True (.safetensors only): meta tensors that model_from_config reads one at a time (library/streamed_load),
-    so the file never sits in memory beside the built models; the key converters must only rename and take views.
+    lazy=True (.safetensors only): lazy meta tensors that model_from_config reads one at a time
+    (library/streamed_load), so the file never sits in memory beside the built models; key converters run on them
+    unchanged (their slices and concatenations are replayed on the real bytes); only in-place ops are refused.
 
     .safetensors: safetensors.torch.load_file. Pickles (.ckpt/.pt/.pth/.bin): only with allow_pickle, through
     torch.load(weights_only=True); Lightning checkpoints nest the weights under 'state_dict' (unwrapped here)."""
@@ -123,9 +124,9 @@ def load_single_file_state_dict(path: str, allow_pickle: bool = False,
         from safetensors.torch import load_file
 
         try:
-            if lazy:
-                from library import streamed_load
+            from library import streamed_load
 
+            if lazy and streamed_load.streaming():
                 return streamed_load.lazy_safetensors(path)
             return load_file(path, device="cpu")
         except (SafetensorError, OSError, ValueError, KeyError) as err:
@@ -232,9 +233,16 @@ def model_from_config(cls: Any, config_dir: str, subfolder: str, state_dict: dic
                             f"in '{folder}' expects {tuple(expected_shapes[key])}; pass the matching --model_config")
     # Cast while loading (single files are often fp16): no module.to(), which would also cast kept-fp32 buffers.
     # One tensor at a time (a lazy tensor is read from the file here), dropping each source entry as it is cast.
+    # A tensor under two keys (T5's tied embedding) is read and cast once.
     from library.streamed_load import materialise
 
-    weights = {k: materialise(state_dict.pop(k), dtype) for k in [k for k in state_dict if k in expected]}
+    weights, done = {}, {}
+    for key in [k for k in state_dict if k in expected]:
+        source = state_dict.pop(key)
+        if id(source) not in done:
+            done[id(source)] = (source, materialise(source, dtype))
+        weights[key] = done[id(source)][1]
+    del done
     module.load_state_dict(weights, strict=False, assign=True)
     _materialise_buffers(module)
     module.eval()
@@ -365,7 +373,7 @@ def load_vae(path: str, config_dir: str, allow_pickle: bool = False, dtype: torc
         raise UserError(f"{flag}: folder '{path}' has neither config.json nor vae/; pass a diffusers VAE folder or "
                         "a .safetensors file")
     if os.path.isfile(expanded):
-        state_dict = load_single_file_state_dict(expanded, allow_pickle, flag)
+        state_dict = load_single_file_state_dict(expanded, allow_pickle, flag, lazy=True)  # tensor by tensor
         return vae_from_single_file_state_dict(state_dict, config_dir, dtype, flag)
     kind, resolved = resolve_model_source(path, allow_pickle, flag)  # hub ids in the local cache, or a UserError
     return load_vae(resolved, config_dir, allow_pickle, dtype, flag)

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from library import streamed_load
 from library.errors import UserError
 from library.families import loading
 from library.families import detect
@@ -136,7 +135,7 @@ def _text_encoder_state(state: dict[str, torch.Tensor], num_layers: int, model: 
             if key.startswith(block_prefix) and int(key[len(block_prefix):].split(".")[0]) >= num_layers:
                 continue
             if key.startswith(OPEN_CLIP_PREFIX):
-                keep[key] = streamed_load.materialise(value)  # the converter clones slices: real tensors, read now
+                keep[key] = value
         converted = convert_open_clip_checkpoint(model, keep, prefix=OPEN_CLIP_PREFIX)
     else:
         converted = convert_ldm_clip_checkpoint({k: v for k, v in state.items() if k.startswith(CLIP_PREFIX)})

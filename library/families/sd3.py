@@ -133,7 +133,8 @@ def _component_state_dict(opts: SD3Options, name: str, checkpoint: dict[str, tor
     transformers keys or SAI-prefixed) or from the main checkpoint. None when neither has them."""
     path = _component_path(opts, name)
     if path is not None and path != NO_T5:
-        state_dict = loading.load_single_file_state_dict(os.path.expanduser(path), opts.allow_pickle, f"--{name}")
+        state_dict = loading.load_single_file_state_dict(os.path.expanduser(path), opts.allow_pickle, f"--{name}",
+                                                          lazy=True)
         prefixed = _with_prefix(state_dict, prefix)
         return {k[len(prefix):]: v for k, v in prefixed.items()} if prefixed else state_dict
     prefixed = _with_prefix(checkpoint, prefix)
@@ -227,7 +228,7 @@ def _t5_in_dtype(t5: Any, dtype: torch.dtype) -> Any:
 
 def _load_single_file(opts: SD3Options, path: str) -> tuple[Any, Any, list, list, dict, str]:
     """(transformer, vae, text encoders, tokenizers, scheduler config, architecture dir) from an SAI file."""
-    checkpoint = loading.load_single_file_state_dict(path, opts.allow_pickle, SOURCE_FLAG)
+    checkpoint = loading.load_single_file_state_dict(path, opts.allow_pickle, SOURCE_FLAG, lazy=True)
     config_dir = loading.config_dir_for(shipped_config_key(checkpoint), opts.model_config)
     transformer = _mmdit_from_checkpoint(checkpoint, config_dir, opts)
     vae = None if opts.vae else loading.vae_from_single_file_state_dict(

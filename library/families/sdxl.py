@@ -170,7 +170,7 @@ class SDXLAdapter:
             modules = _components_from_diffusers(path, dtype, opts.allow_pickle, flag, with_vae=not opts.vae)
         else:
             config_dir = config_dir_for(FAMILY_KEY, opts.model_config)
-            state_dict = load_single_file_state_dict(path, opts.allow_pickle, flag)
+            state_dict = load_single_file_state_dict(path, opts.allow_pickle, flag, lazy=True)
             modules = _components_from_state_dict(state_dict, config_dir, dtype, flag)
             del state_dict
         tokenizer_flag = flag if kind == "diffusers" else "--model_config"
