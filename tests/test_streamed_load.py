@@ -43,6 +43,9 @@ def _assert_identical_models(streamed, eager, dtype: torch.dtype = torch.float32
              *zip(streamed.text_encoders, eager.text_encoders, strict=True)]
     for a, b in pairs:
         assert next(a.parameters()).dtype == dtype
+        # CPU kernels pick their vector paths by alignment (training_loop._own_weight_memory): streamed weights
+        # own aligned memory
+        assert all(p.data_ptr() % 64 == 0 for p in a.parameters())
         sa, sb = a.state_dict(), b.state_dict()
         assert set(sa) == set(sb)
         for key in sa:
