@@ -12,9 +12,10 @@ the model):
 
 Each load runs in its own process (`--load FAMILY FILE MODE DTYPE`), one after another; the figure is the kernel's
 high-water mark of the child's RSS (ru_maxrss from wait4), so it is a measure that does not depend on other load on
-the machine; "load s" is the child's wall time (a ratio within one run only). A load whose expected peak (eager:
-file + models; streamed: models) would not fit in MemAvailable minus --margin_gib is skipped and says so: the
-machine is shared.
+the machine. "load CPU s" is the child's user + system CPU time (its whole run: imports, building, reading,
+casting), which contention for the cores inflates less than wall time; compare it only within one run. A load
+whose expected peak (eager: file + models; streamed: models) would not fit in MemAvailable minus --margin_gib is
+skipped and says so: the machine is shared.
 """
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ import os
 import struct
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -159,14 +159,13 @@ def _available_bytes() -> int:
 
 
 def measure(family: str, path: str, mode: str, dtype_name: str) -> tuple[float, float]:
-    """(peak RSS GiB, wall seconds) of one load in a child process."""
-    start = time.perf_counter()
+    """(peak RSS GiB, CPU seconds) of one load in a child process."""
     process = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--load", family, path, mode, dtype_name],
                                cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(process.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"the {mode} {family} load failed")
-    return usage.ru_maxrss / 2**20, time.perf_counter() - start
+    return usage.ru_maxrss / 2**20, usage.ru_utime + usage.ru_stime
 
 
 def _gib(figure: tuple[float, float] | None) -> str:
@@ -205,11 +204,11 @@ def main() -> None:
                     continue
                 figures[mode] = measure(family, path, mode, dtype_name)
                 print(f"{family} {dtype_name} {mode}: peak RSS {figures[mode][0]:.2f} GiB, "
-                      f"load {figures[mode][1]:.1f} s", flush=True)
+                      f"load CPU {figures[mode][1]:.1f} s", flush=True)
             rows.append((family, os.path.basename(path), file_bytes, dtype_name, models_bytes, figures))
     print()
     print("| family | file (fp16) | weights | models | eager peak RSS | streamed peak RSS | streamed / eager | "
-          "load s eager / streamed |")
+          "load CPU s eager / streamed |")
     print("|---|---|---|---|---|---|---|---|")
     for family, name, file_bytes, dtype_name, models_bytes, figures in rows:
         eager, streamed = figures.get("eager"), figures.get("streamed")

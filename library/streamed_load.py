@@ -1,6 +1,6 @@
 """Streamed single-file loading: read and cast one tensor at a time, never the whole fp16 file beside the models.
 
-    lazy_safetensors(path) -> dict[str, Tensor]   lazy tensors (meta, right shape/dtype) that know where their bytes are
+    lazy_safetensors(path) -> dict[str, Tensor]   lazy meta tensors (shape, dtype) that know where their bytes are
     materialise(tensor, dtype) -> Tensor          the real values, cast to dtype (a real tensor is cast as is)
     with whole_files(): ...                       loads read whole files as before (the tests and
                                                   bench/load_memory.py compare the two)
@@ -14,9 +14,10 @@ recipes (a fused qkv split into q, k, v) is read once into a two-entry cache. In
 The replayed ops are the converters' own ops on the same file dtype, so the values are bit-identical to converting
 the whole loaded state dict; the cast comes last in both.
 
-Bytes are read with plain file reads (readinto), not mmap: a mapped file counts in the process's RSS (RssFile) for
-as long as the mapping lives, a read goes through the page cache only. The safetensors layout is 8 bytes of
-little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, then the data.
+Bytes are read with plain file reads (readinto) into buffers of their own, not by mapping the file: a mapped file
+counts in the process's RSS (RssFile) for as long as the mapping lives, a read goes through the page cache only.
+The safetensors layout is 8 bytes of little-endian header length, a JSON header {name: {dtype, shape,
+data_offsets}}, then the data.
 """
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ import json
 import mmap
 import struct
 from collections import OrderedDict
-from typing import Any
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
@@ -90,7 +90,8 @@ class LazyTensor(torch.Tensor):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         if name == "__setitem__" or (name.endswith("_") and not name.endswith("__")):
-            raise RuntimeError(f"in-place {name} on a lazily loaded weight; load this checkpoint eagerly")
+            raise RuntimeError(f"streamed load: a key converter changes a lazily loaded weight in place ({name}), "
+                               "which cannot be replayed on the file; report this with the checkpoint's name")
         out = super().__torch_function__(func, types, args, kwargs)
         with torch._C.DisableTorchFunctionSubclass():
             inputs = {id(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
@@ -127,16 +128,12 @@ def lazy_safetensors(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def is_lazy(tensor: torch.Tensor) -> bool:
-    return isinstance(tensor, LazyTensor)
-
-
 def _real(tensor: torch.Tensor, sliced: bool) -> torch.Tensor:
     """The values of a lazy tensor in the file's dtype (possibly a view of a larger real tensor)."""
     source = getattr(tensor, _SOURCE, None)
     if source is None:
-        raise RuntimeError("a converted weight was made from lazy tensors in a way that was not recorded; load "
-                           "this checkpoint eagerly")
+        raise RuntimeError("streamed load: a converted weight was made from lazily loaded weights in a way that "
+                           "was not recorded; report this with the checkpoint's name")
     if isinstance(source[0], _Reader):
         reader, key = source
         return reader.read(key, cache=sliced)

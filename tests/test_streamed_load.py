@@ -137,7 +137,7 @@ def test_lazy_tensors_hold_no_bytes_and_replay_the_converters_ops(tmp_path):
     assert torch.equal(streamed_load.materialise(w[:2].clone().detach()), weight[:2])
     assert torch.equal(streamed_load.materialise(w[:, :, 0, 0].T.contiguous()), weight[:, :, 0, 0].T)
     assert streamed_load.materialise(lazy["step"], torch.float32).dtype == torch.int64   # only floats are cast
-    with pytest.raises(RuntimeError, match="eagerly"):
+    with pytest.raises(RuntimeError, match="in place"):
         w.mul_(2)
-    with pytest.raises(RuntimeError, match="eagerly"):
+    with pytest.raises(RuntimeError, match="in place"):
         w[0] = 1.0
