@@ -14,16 +14,19 @@ recipes (a fused qkv split into q, k, v) is read once into a two-entry cache. In
 The replayed ops are the converters' own ops on the same file dtype, so the values are bit-identical to converting
 the whole loaded state dict; the cast comes last in both.
 
-Bytes are read with plain file reads (readinto) into buffers of their own, not by mapping the file: a mapped file
-counts in the process's RSS (RssFile) for as long as the mapping lives, a read goes through the page cache only.
-The safetensors layout is 8 bytes of little-endian header length, a JSON header {name: {dtype, shape,
-data_offsets}}, then the data.
+Bytes: each tensor's own byte range of the file is mapped (private, read-only in effect) only while it is cast,
+so the cast reads straight from the page cache and the mapping is gone with the tensor; mapping the whole file
+would count every page touched in the process's RSS (RssFile) for as long as the mapping lives. (Reading into
+buffers instead costs an extra copy, and glibc's heap kept the holes of those freed buffers resident: +1.1 GiB over
+the bf16 SDXL UNet, measured.) The safetensors layout is 8 bytes of little-endian header length, a JSON header
+{name: {dtype, shape, data_offsets}}, then the data.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import mmap
+import os
 import struct
 from collections import OrderedDict
 
@@ -35,20 +38,7 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 _SOURCE = "_streamed_source"   # (reader, key) for a file tensor, (func, args, kwargs, output index) for a derived one
 _STREAMING = [True]             # a stack: whole_files() pushes False
-_OWN_MAPPING_BYTES = 64 * 1024  # smaller reads come from the heap
 _CACHED_READS = 2              # a fused tensor's q/k/v slices are taken in turn with its bias's (SD3, Flux)
-
-
-def _own_mapping(nbytes: int) -> torch.Tensor:
-    """A uint8 tensor in an anonymous memory mapping of its own, unmapped when the tensor is freed.
-
-    Why not torch.empty: the read buffers are temporaries (freed once cast) interleaved with the weights being
-    kept, and glibc's heap keeps the holes they leave resident: +1.1 GiB over the 4.8 GiB bf16 SDXL UNet, measured.
-    Small tensors (biases, norms) come from the heap: their holes are small and refilled. Page-aligned, so a
-    buffer kept as a weight (no cast) is also aligned for the CPU kernels."""
-    if nbytes < _OWN_MAPPING_BYTES:
-        return torch.empty(nbytes, dtype=torch.uint8)
-    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
 
 
 class _Reader:
@@ -59,21 +49,26 @@ class _Reader:
             self.header = json.loads(f.read(length))
         self.header.pop("__metadata__", None)
         self.data_start = 8 + length
+        size = os.path.getsize(path)
+        if any(self.data_start + info["data_offsets"][1] > size for info in self.header.values()):
+            raise OSError(f"{path}: truncated (its header names bytes past the end of the file)")
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def read(self, key: str, cache: bool = False) -> torch.Tensor:
-        """The tensor's bytes in memory of its own (page-aligned). cache=True keeps the last few such reads: for
-        tensors that several recipes slice."""
+        """The tensor as it is in the file, in a private mapping of its bytes only, unmapped when the tensor is
+        freed. cache=True keeps the last few such tensors: for fused weights that several recipes slice."""
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
         info = self.header[key]
-        begin, end = info["data_offsets"]
-        raw = _own_mapping(end - begin)
-        with open(self.path, "rb") as f:
-            f.seek(self.data_start + begin)
-            if f.readinto(raw.numpy()) != end - begin:
-                raise OSError(f"{self.path}: truncated tensor {key}")
+        begin, end = (self.data_start + offset for offset in info["data_offsets"])
+        if end == begin:
+            raw = torch.empty(0, dtype=torch.uint8)
+        else:
+            page_start = begin - begin % mmap.ALLOCATIONGRANULARITY
+            with open(self.path, "rb") as f:
+                mapping = mmap.mmap(f.fileno(), end - page_start, access=mmap.ACCESS_COPY, offset=page_start)
+            raw = torch.frombuffer(mapping, dtype=torch.uint8, count=end - begin, offset=begin - page_start)
         tensor = raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
         if cache:
             self._cache[key] = tensor
@@ -145,11 +140,12 @@ def _real(tensor: torch.Tensor, sliced: bool) -> torch.Tensor:
 
 def materialise(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The real values of `tensor` (replayed from the file when it is lazy), cast to `dtype` when it is floating
-    point; a lazy tensor's result owns its memory (a slice of a fused weight is copied out)."""
+    point. A lazy tensor's result is always a copy in memory of its own (torch-allocated, so aligned): it never
+    points into the file mapping, the read cache or a larger fused tensor."""
     if isinstance(tensor, LazyTensor):
-        tensor = _real(tensor, False)
-        if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
-            tensor = tensor.clone()
+        real = _real(tensor, False)
+        cast = dtype if dtype is not None and real.is_floating_point() else real.dtype
+        return real.to(cast, copy=True)
     if dtype is not None and tensor.is_floating_point():
         tensor = tensor.to(dtype)
     return tensor
