@@ -95,7 +95,7 @@ class Supervisor:
         now = self._clock()
         if self.failed is None:
             for rank, code in enumerate(codes):
-                if code is not None and code != 0 and not (self.stops and code == 130):
+                if code is not None and code != 0 and not (self.stops and self._stopped_by_signal(code)):
                     self.failed = (rank, code)
                     break
         if codes and codes[0] is not None and self._main_ended_at is None:
@@ -109,6 +109,11 @@ class Supervisor:
             for worker in alive:
                 worker.kill()
         return all(w.poll() is not None for w in self.workers)
+
+    @staticmethod
+    def _stopped_by_signal(code: int) -> bool:
+        """130: the trainer stopped (and saved); -SIG: a process still loading ended by the forwarded signal."""
+        return code == 130 or -code in FORWARDED
 
     def exit_code(self) -> int:
         codes = [w.poll() for w in self.workers]

@@ -403,6 +403,10 @@ def run_cli(main, family: str, argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # during set-up (inside the steps, Ctrl-C finishes the step and saves)
+        print("\nstopped by Ctrl-C outside the training steps: nothing to save now; earlier saves are intact",
+              file=sys.stderr)
+        return 130
     finally:
         _close_process_group()
     return 0

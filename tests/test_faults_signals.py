@@ -53,3 +53,16 @@ def test_emergency_folder_prefers_the_configured_one(tmp_path, monkeypatch):
     monkeypatch.setattr(interrupts.tempfile, "gettempdir", lambda: str(tmp_path / "none"))
     monkeypatch.setenv("HOME", str(tmp_path / "none"))
     assert interrupts.emergency_folder(str(tmp_path)) is None
+
+
+def test_ctrl_c_during_set_up_is_one_line_and_130(capsys):
+    """Before the steps start (models loading) a Ctrl-C has nothing to save: one line, exit 130, no traceback."""
+    from library import train_util
+
+    def main(args):
+        raise KeyboardInterrupt
+    code = train_util.run_cli(main, "sd1", ["--pretrained_model_name_or_path", "m", "--output_dir", "o"])
+    err = capsys.readouterr().err
+    assert code == 130 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line] == [
+        "stopped by Ctrl-C outside the training steps: nothing to save now; earlier saves are intact"]

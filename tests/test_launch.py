@@ -86,6 +86,10 @@ def test_exit_codes():
     sup, workers, _, said = supervisor()
     workers[0].code, workers[1].code = -signal.SIGKILL, -signal.SIGKILL
     assert sup.check() and sup.exit_code() == 128 + signal.SIGKILL and "killed by SIGKILL (out of memory?)" in said[0]
+    sup, workers, _, said = supervisor()  # a SIGTERM while the workers were still loading (default action)
+    sup.handle(signal.SIGTERM)
+    workers[0].code, workers[1].code = -signal.SIGTERM, 130
+    assert sup.check() and sup.exit_code() == 130 and said == []
     sup, workers, _, said = supervisor()  # a stop whose save failed on rank 0: its code, not 130
     sup.handle(signal.SIGTERM)
     workers[0].code, workers[1].code = 2, 130

@@ -545,7 +545,7 @@ def recognise_checkpoint(ckpt) -> Any:
 def check_model_type_of_checkpoint(opts: FluxOptions) -> None:
     """Before loading: --model_type agrees with the checkpoint (a Chroma file needs --model_type chroma)."""
     from library.families import detect
-    found = detect.detect(opts.pretrained_model_name_or_path)
+    found = detect.detect(opts.pretrained_model_name_or_path) if opts.pretrained_model_name_or_path else None
     if found is not None and found.family in (FluxAdapter.name, "chroma"):
         _check_model_type(flux_convert.BFLLayout(chroma=found.family == "chroma", guidance=False, num_double=0,
                                                  num_single=0), opts, f"'{opts.pretrained_model_name_or_path}'")
