@@ -332,6 +332,7 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
     # Latents (and text-encoder outputs) are cached once, before training; the main process writes disk caches.
     # VAE sampling draws from the global RNG: seed it so cached latents are the same in every run and rank.
     torch.manual_seed(plan.seed)
+    host_memory.apply(device.type, getattr(args, "return_freed_memory", False))  # models loaded: reuse the heap
     if args.cache_latents:
         _cache_latents(args, adapter, models, group, accelerator)
     if getattr(args, "cache_text_encoder_outputs", False) or getattr(args, "cache_text_encoder_outputs_to_disk", False):
@@ -405,7 +406,6 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
         print(f"training {adapter.name} LoRA: {group.num_train_images} images, {micro_per_epoch} batches per epoch "
               f"per process, {args.max_train_steps} steps, {world_size} process(es)")
 
-    host_memory.apply(device.type, getattr(args, "return_freed_memory", False))  # set-up done: reuse the heap
     with interrupts.StopSignals() as stop:
         run.interrupted = stop
         try:
