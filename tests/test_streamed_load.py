@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from library import streamed_load, tiny_flux
-from library.families import flux, sd1, sd3, sdxl
+from library.errors import UserError
+from library.families import flux, loading, sd1, sd3, sdxl
 from library.families.base import ModelOptions
 from library.tiny_models import build_sd35
 from tests.fixtures.tiny import tiny_sd1_paths
@@ -141,3 +142,11 @@ def test_lazy_tensors_hold_no_bytes_and_replay_the_converters_ops(tmp_path):
         w.mul_(2)
     with pytest.raises(RuntimeError, match="in place"):
         w[0] = 1.0
+
+
+def test_truncated_file_is_a_user_error_when_opened(tmp_path):
+    path = tmp_path / "cut.safetensors"
+    save_file({"w": torch.ones(64, 64)}, str(path))
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(UserError, match="truncated"):
+        loading.load_single_file_state_dict(str(path), lazy=True)

@@ -166,7 +166,7 @@ def _load_single_file(path: str, opts: SD1Options, config_dir: str) -> tuple[Any
         raise UserError(f"--pretrained_model_name_or_path: '{path}' does not match the architecture in "
                         f"'{config_dir}' ({type(err).__name__}: {err}); pass --model_config DIR with the matching "
                         "configs (or --v2 for SD2)") from err
-    # The text encoder first, while nothing else is built (its SD2 state is read before conversion), then the rest.
+    # Each model reads its own weights from the file, one tensor at a time (library/streamed_load.py).
     text_encoder = loading.model_from_config(CLIPTextModel, config_dir, "text_encoder", te_state, opts.weight_dtype)
     del te_state
     unet = loading.model_from_config(UNet2DConditionModel, config_dir, "unet", unet_state, opts.weight_dtype)
