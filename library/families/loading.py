@@ -43,6 +43,7 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # `org/name` (optionally `org/name@revision` is not supported): the Hugging Face repo id grammar.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DIFFUSERS_MARKERS = ("model_index.json", "unet", "transformer")
+_TRIM_AFTER_BYTES = 256 * 2**20   # model_from_config returns freed heap pages after building a model this large
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,6 +247,13 @@ def model_from_config(cls: Any, config_dir: str, subfolder: str, state_dict: dic
     module.load_state_dict(weights, strict=False, assign=True)
     _materialise_buffers(module)
     module.eval()
+    # The converters' temporaries (SD3's q/k/v concatenations) left holes in the heap that glibc keeps resident:
+    # 0.65 GiB after the bf16 SD3 MMDiT, measured; hand them back before the next model is built (full-size
+    # models only: it costs a garbage collection).
+    if sum(w.numel() * w.element_size() for w in weights.values()) >= _TRIM_AFTER_BYTES:
+        from library.lean import return_freed_memory
+
+        return_freed_memory()
     return module
 
 
