@@ -46,18 +46,31 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # ----------------------------------------------------------------------------------------------------------------
 # The workload
 # ----------------------------------------------------------------------------------------------------------------
-def build_workload(workdir: str) -> dict:
-    """Random full-size SD1.5 as an fp16 single file, 8 captioned pictures, KS's tokenizer cache. Built once."""
+SCRIPTS = {"sd1": "train_network.py", "sdxl": "sdxl_train_network.py"}
+# KS reads its tokenizers from --tokenizer_cache_dir/<hub name with / -> _>; filled from our shipped files
+_TOKENIZER_CACHE = {"sd1": {"openai_clip-vit-large-patch14": "sd15/tokenizer"},
+                    "sdxl": {"openai_clip-vit-large-patch14": "sdxl/tokenizer",
+                             "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k": "sdxl/tokenizer_2"}}
+
+
+def build_workload(workdir: str, family: str = "sd1") -> dict:
+    """Random full-size SD1.5 (or SDXL) as an fp16 single file, 8 captioned pictures, KS's tokenizer cache. Built
+    once. The SDXL file is bench/load_memory.py's (SAI layout, written in a child process if missing)."""
     os.makedirs(workdir, exist_ok=True)
     paths = {"model": os.path.join(workdir, "sd15_random.safetensors"), "data": os.path.join(workdir, "data"),
-             "tokenizer_cache": os.path.join(workdir, "tokenizer_cache")}
-    if not os.path.isfile(paths["model"]):
+             "tokenizer_cache": os.path.join(workdir, "tokenizer_cache_" + family)}
+    if family == "sdxl":
+        from bench.load_memory import model_file
+
+        paths["model"] = model_file("sdxl", workdir)
+    elif not os.path.isfile(paths["model"]):
         _write_random_sd15(paths["model"])
     if not os.path.isdir(paths["data"]):
         _write_pictures(os.path.join(paths["data"], "1_sks photo"), count=8, size=256)
-    clip_cache = os.path.join(paths["tokenizer_cache"], "openai_clip-vit-large-patch14")
-    if not os.path.isdir(clip_cache):
-        shutil.copytree(os.path.join(ROOT, "configs", "models", "sd15", "tokenizer"), clip_cache)
+    for name, shipped in _TOKENIZER_CACHE[family].items():
+        if not os.path.isdir(os.path.join(paths["tokenizer_cache"], name)):
+            shutil.copytree(os.path.join(ROOT, "configs", "models", shipped),
+                            os.path.join(paths["tokenizer_cache"], name))
     return paths
 
 
@@ -200,7 +213,8 @@ def per_step(result: dict, warmup: int) -> dict:
 # Pairs and the table
 # ----------------------------------------------------------------------------------------------------------------
 def run_pairs(args: argparse.Namespace, paths: dict, threads: int | None) -> list[dict]:
-    label = (f"{threads}thread" if threads else "allcores") + ("" if args.mixed_precision == "no" else "_" + args.mixed_precision)
+    label = (f"{args.family}_" if args.family != "sd1" else "") + (f"{threads}thread" if threads else "allcores") \
+        + ("" if args.mixed_precision == "no" else "_" + args.mixed_precision)
     pairs = []
     for pair in range(args.pairs):
         row = {}
@@ -209,11 +223,11 @@ def run_pairs(args: argparse.Namespace, paths: dict, threads: int | None) -> lis
             shutil.rmtree(out, ignore_errors=True)
             flags = common_flags(paths, out, args.steps, args.mixed_precision)
             if name == "kohya":
-                command = [args.kohya_python, os.path.join(args.kohya, "train_network.py"), *flags,
+                command = [args.kohya_python, os.path.join(args.kohya, SCRIPTS[args.family]), *flags,
                            "--tokenizer_cache_dir", paths["tokenizer_cache"]]
                 cwd, pythonpath = args.kohya, args.kohya_pythonpath
             else:
-                command = [sys.executable, os.path.join(ROOT, "train_network.py"), *flags, *args.our_flags]
+                command = [sys.executable, os.path.join(ROOT, SCRIPTS[args.family]), *flags, *args.our_flags]
                 cwd, pythonpath = ROOT, None
             log = os.path.join(args.workdir, f"log_{name}_{label}_{pair}.txt")
             row[name] = per_step(measure(command, cwd, threads, log, pythonpath), args.warmup)
@@ -249,6 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=7, help="steps per run (the first --warmup are not measured)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--workdir", default="/tmp/vs_kohya")
+    parser.add_argument("--family", default="sd1", choices=list(SCRIPTS),
+                        help="sdxl: the same workload on a random full-size SDXL (sdxl_train_network.py in both)")
     parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16"],
                         help="both trainers (bf16: autocast on the CPU; frozen weights in bf16 in both)")
     parser.add_argument("--our_flags", nargs=argparse.REMAINDER, default=[],
@@ -257,15 +273,17 @@ def main(argv: list[str] | None = None) -> None:
     if not os.path.isfile(os.path.join(args.kohya, "train_network.py")):
         parser.error(f"--kohya: {args.kohya} has no train_network.py")
     os.makedirs(args.workdir, exist_ok=True)
-    paths = build_workload(args.workdir)
+    paths = build_workload(args.workdir, args.family)
     args.kohya_pythonpath = kohya_pythonpath(args.kohya_python, args.workdir)
     results = {}
     for threads in args.threads:
-        label = ("all cores" if threads == "all" else f"{threads}") + f", {'fp32' if args.mixed_precision == 'no' else args.mixed_precision}"
+        precision = "fp32" if args.mixed_precision == "no" else args.mixed_precision
+        label = ("all cores" if threads == "all" else f"{threads}") + f", {precision}" \
+            + ("" if args.family == "sd1" else f", {args.family}")
         print(f"threads: {label}", flush=True)
         results[label] = run_pairs(args, paths, None if threads == "all" else int(threads))
     print_table(results)
-    with open(os.path.join(args.workdir, f"results_{args.mixed_precision}.json"), "w") as f:
+    with open(os.path.join(args.workdir, f"results_{args.family}_{args.mixed_precision}.json"), "w") as f:
         json.dump(results, f, indent=1)
 
 
