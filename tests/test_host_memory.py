@@ -1,4 +1,5 @@
 """library/host_memory.py: after the switch, freed memory is reused without page faults (measured in a child)."""
+import os
 import subprocess
 import sys
 
@@ -49,3 +50,37 @@ def test_only_on_the_cpu_and_not_when_told(monkeypatch):
     assert calls == []
     host_memory.apply("cpu", return_freed_memory=False)
     assert calls == [1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(host_memory._glibc() is None, reason="glibc malloc only")
+def test_a_run_that_keeps_freed_memory_trains_the_same_bits(sd15, dataset, tmp_path):
+    """The switch changes where memory comes from, never the arithmetic: the trained LoRA is bit-identical with and
+    without --return_freed_memory (separate processes: the switch is process-wide)."""
+    import torch
+
+    from tests.train_helpers import base_argv, lora_tensors, run_script
+
+    files = {}
+    for name, extra in (("kept", {}), ("returned", {"return_freed_memory": True})):
+        out = str(tmp_path / name)
+        result = run_script("train_network.py", base_argv(sd15, dataset, out, steps=3, **extra),
+                            env={"OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-2000:]
+        files[name] = lora_tensors(os.path.join(out, "lora.safetensors"))
+    assert files["kept"].keys() == files["returned"].keys()
+    assert any(t.abs().max() > 0 for k, t in files["kept"].items() if "lora_up" in k)  # it trained
+    for key, tensor in files["kept"].items():
+        assert torch.equal(tensor, files["returned"][key]), key
+
+
+@pytest.mark.slow
+def test_the_loop_switches_once_the_models_are_loaded(sd15, dataset, tmp_path, monkeypatch):
+    from library import training_loop
+    from tests.train_helpers import base_argv, run_inprocess
+
+    calls = []
+    monkeypatch.setattr(host_memory, "apply", lambda device_type, returned: calls.append((device_type, returned)))
+    monkeypatch.setattr(training_loop, "_cache_latents", lambda *a: calls.append("cache latents"))
+    run_inprocess("sd1", base_argv(sd15, dataset, str(tmp_path), steps=1, cache_latents=True))
+    assert calls == [("cpu", False), "cache latents"]
