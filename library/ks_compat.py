@@ -200,7 +200,8 @@ DISPOSITIONS: dict[str, Disposition | dict[str, Disposition]] = {
     "scale_weight_norms": honoured("KS's max-norm, with keys_scaled / average key norm logged"),
     "base_weights": honoured("merged into the frozen model before training, as KS"),
     "base_weights_multiplier": honoured(),
-    "no_half_vae": no_op("the VAE always runs in fp32"),
+    "no_half_vae": honoured("without it the VAE runs in the mixed-precision dtype (KS); an fp16 VAE whose config "
+                            "says force_upcast (SDXL 1.0) stays fp32 anyway"),
     "skip_until_initial_step": refused("--resume continues exactly where a saved state stopped; use --save_state "
                                        "and --resume STATE_FOLDER"),
     "initial_epoch": refused("--resume continues exactly where a saved state stopped; use --save_state and "

@@ -132,6 +132,18 @@ class MemoryOptions:
 # ----------------------------------------------------------------------------------------------------------------
 # fp8 base weights
 # ----------------------------------------------------------------------------------------------------------------
+def vae_dtype(weight_dtype: torch.dtype, no_half_vae: bool, force_upcast: bool) -> torch.dtype:
+    """The VAE's dtype, as KS: under --mixed_precision fp16/bf16 the VAE runs in that dtype (latent caching is then
+    about twice as fast on bf16 hardware), unless --no_half_vae keeps it in fp32. One departure, a fix: a VAE whose
+    config says force_upcast (the SDXL 1.0 VAE overflows in fp16) stays fp32 under fp16, where KS would cache NaN
+    latents without --no_half_vae; bf16 has fp32's range, so it is used there as KS does."""
+    if weight_dtype == torch.float32 or no_half_vae:
+        return torch.float32
+    if weight_dtype == torch.float16 and force_upcast:
+        return torch.float32
+    return weight_dtype
+
+
 def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [O, ...] -> (w8 float8_e4m3fn, scale fp32 [O, 1, ...]) with weight ≈ w8 · scale.
 

@@ -41,7 +41,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, family: str) -> None:
     g.add_argument("--v_parameterization", action="store_true", help="v-prediction objective")
     get_family(family).add_arguments(g)   # the family's own model flags
     g.add_argument("--no_half_vae", action="store_true",
-                   help="accepted for KS compatibility: the VAE always runs in fp32 here")
+                   help="keep the VAE in fp32 under --mixed_precision fp16/bf16 (KS); without it the VAE runs "
+                        "in that dtype, except an fp16 VAE whose config says force_upcast")
     g.add_argument("--sdpa", action="store_true", help="accepted for KS compatibility: PyTorch SDPA is always used")
     g.add_argument("--xformers", action="store_true", help="use xformers attention (must be installed)")
 

@@ -320,7 +320,8 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
     for module in [models.denoiser, models.vae, *[te for te in models.text_encoders if te is not None]]:
         module.requires_grad_(False)
         module.eval()
-        dtype = plan.weight_dtype if module is not models.vae else torch.float32
+        dtype = plan.weight_dtype if module is not models.vae else memory_modes.vae_dtype(
+            plan.weight_dtype, args.no_half_vae, bool(getattr(getattr(module, "config", None), "force_upcast", False)))
         module.to(device)
         if next(module.parameters()).dtype != dtype:  # cast only when needed (diffusers warns on no-op casts)
             module.to(dtype=dtype)

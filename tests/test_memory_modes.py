@@ -301,3 +301,35 @@ def test_full_fp16_lets_the_grad_scaler_unscale_fp16_gradients():
     p, optimizer = scaled_step(scaler)
     scaler.step(optimizer)
     assert torch.equal(p.grad, torch.full_like(p, 2.0)) and torch.equal(p, torch.zeros_like(p))
+
+
+@pytest.mark.parametrize("weight_dtype,no_half_vae,force_upcast,expected", [
+    (torch.float32, False, False, torch.float32),
+    (torch.bfloat16, False, True, torch.bfloat16),   # KS: the mixed-precision dtype; bf16 has fp32's range
+    (torch.bfloat16, True, False, torch.float32),    # --no_half_vae
+    (torch.float16, False, False, torch.float16),    # an fp16-fixed VAE (force_upcast: false)
+    (torch.float16, False, True, torch.float32),     # the SDXL 1.0 VAE would overflow
+    (torch.float16, True, False, torch.float32),
+])
+def test_vae_dtype_follows_ks_except_where_fp16_overflows(weight_dtype, no_half_vae, force_upcast, expected):
+    assert mm.vae_dtype(weight_dtype, no_half_vae, force_upcast) == expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("no_half_vae", [False, True])
+def test_latents_are_cached_by_a_bf16_vae_unless_no_half_vae(sd15, dataset, tmp_path, monkeypatch, no_half_vae):
+    from library import training_loop
+    from tests.train_helpers import base_argv, run_inprocess
+
+    seen = []
+    original = training_loop._cache_latents
+
+    def cache_latents(args, adapter, models, group, accelerator):
+        seen.append(next(models.vae.parameters()).dtype)
+        original(args, adapter, models, group, accelerator)
+
+    monkeypatch.setattr(training_loop, "_cache_latents", cache_latents)
+    extra = {"no_half_vae": True} if no_half_vae else {}
+    run_inprocess("sd1", base_argv(sd15, dataset, str(tmp_path), steps=1, cache_latents=True, mixed_precision="bf16",
+                                   **extra))
+    assert seen == [torch.float32 if no_half_vae else torch.bfloat16]

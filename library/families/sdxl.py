@@ -204,7 +204,8 @@ class SDXLAdapter:
                       generator: torch.Generator | None = None) -> torch.Tensor:
         """z = vae.encode(x).latent_dist.sample() · scaling_factor (0.13025 for SDXL; KS: a sample, not the mode).
 
-        The SDXL 1.0 VAE overflows in fp16 (its config says force_upcast); keep it in fp32 (KS --no_half_vae)."""
+        The SDXL 1.0 VAE overflows in fp16 (its config says force_upcast): the loop keeps it in fp32 under fp16
+        (memory_modes.vae_dtype); bf16 has the range."""
         vae = models.vae
         posterior = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist
         return posterior.sample(generator=generator) * vae.config.scaling_factor
