@@ -324,7 +324,9 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
             plan.weight_dtype, args.no_half_vae, bool(getattr(getattr(module, "config", None), "force_upcast", False)))
         module.to(device)
         if next(module.parameters()).dtype != dtype:  # cast only when needed (diffusers warns on no-op casts)
-            module.to(dtype=dtype)
+            # diffusers' ModelMixin.to warns on every cast of a model (even one with no fp32-only modules, as the
+            # VAE): the plain nn.Module cast does the same work without the warning
+            torch.nn.Module.to(module, dtype=dtype)
         _own_weight_memory(module)
     memory_modes.apply_to_models(models, plan.memory)  # --fp8_base: before any network patches the layers
 
