@@ -29,6 +29,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.memory import _available_bytes  # noqa: E402  (the same MemAvailable probe)
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 MODES = ("eager", "streamed")
 
@@ -148,14 +150,6 @@ def _parameter_bytes(path: str) -> int:
         header = json.loads(f.read(length))
     header.pop("__metadata__", None)
     return sum(end - begin for begin, end in (info["data_offsets"] for info in header.values()))
-
-
-def _available_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def measure(family: str, path: str, mode: str, dtype_name: str) -> tuple[float, float]:
