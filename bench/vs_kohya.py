@@ -68,9 +68,10 @@ def build_workload(workdir: str, family: str = "sd1") -> dict:
     if not os.path.isdir(paths["data"]):
         _write_pictures(os.path.join(paths["data"], "1_sks photo"), count=8, size=256)
     for name, shipped in _TOKENIZER_CACHE[family].items():
-        if not os.path.isdir(os.path.join(paths["tokenizer_cache"], name)):
-            shutil.copytree(os.path.join(ROOT, "configs", "models", shipped),
-                            os.path.join(paths["tokenizer_cache"], name))
+        target = os.path.join(paths["tokenizer_cache"], name)
+        if not os.path.isdir(target):  # the CLIP BPE files are shipped once, in sd15/tokenizer; then the config
+            shutil.copytree(os.path.join(ROOT, "configs", "models", "sd15", "tokenizer"), target)
+            shutil.copytree(os.path.join(ROOT, "configs", "models", shipped), target, dirs_exist_ok=True)
     return paths
 
 
