@@ -318,6 +318,8 @@ def test_vae_dtype_follows_ks_except_where_fp16_overflows(weight_dtype, no_half_
 @pytest.mark.slow
 @pytest.mark.parametrize("no_half_vae", [False, True])
 def test_latents_are_cached_by_a_bf16_vae_unless_no_half_vae(sd15, dataset, tmp_path, monkeypatch, no_half_vae):
+    from accelerate.state import AcceleratorState
+
     from library import training_loop
     from tests.train_helpers import base_argv, run_inprocess
 
@@ -330,6 +332,10 @@ def test_latents_are_cached_by_a_bf16_vae_unless_no_half_vae(sd15, dataset, tmp_
 
     monkeypatch.setattr(training_loop, "_cache_latents", cache_latents)
     extra = {"no_half_vae": True} if no_half_vae else {}
-    run_inprocess("sd1", base_argv(sd15, dataset, str(tmp_path), steps=1, cache_latents=True, mixed_precision="bf16",
-                                   **extra))
+    AcceleratorState._reset_state(True)  # bf16: other tests of this process set up accelerate without it
+    try:
+        run_inprocess("sd1", base_argv(sd15, dataset, str(tmp_path), steps=1, cache_latents=True,
+                                       mixed_precision="bf16", **extra))
+    finally:
+        AcceleratorState._reset_state(True)
     assert seen == [torch.float32 if no_half_vae else torch.bfloat16]
