@@ -197,20 +197,9 @@ def _t5_tokenizer(folders: list[tuple[str, str]], cache_dir: str | None) -> Any:
 
 def _t5_from_state_dict(state_dict: dict[str, torch.Tensor], config_dir: str, subfolder: str,
                         opts: FluxOptions) -> Any:
-    """T5EncoderModel from transformers-layout keys (KS t5xxl_fp16.safetensors stores the embedding once)."""
-    from transformers import T5EncoderModel
-
-    weights = {k: v for k, v in state_dict.items() if not k.startswith("decoder.")}
-    if "encoder.embed_tokens.weight" not in weights and "shared.weight" in weights:
-        weights["encoder.embed_tokens.weight"] = weights["shared.weight"]
-    t5 = loading.model_from_config(T5EncoderModel, config_dir, subfolder, weights, opts.weight_dtype, "--t5xxl")
-    if opts.weight_dtype == torch.float16:
-        # T5's feed-forward output overflows fp16: keep it fp32 as transformers' from_pretrained does
-        keep = set(T5EncoderModel._keep_in_fp32_modules or ())
-        for name, module in t5.named_modules():
-            if name.rpartition(".")[2] in keep:
-                module.float()
-    return t5
+    """T5EncoderModel from a T5 file (a full T5 file's decoder is dropped)."""
+    encoder_only = {k: v for k, v in state_dict.items() if not k.startswith("decoder.")}
+    return loading.t5_from_state_dict(encoder_only, config_dir, subfolder, opts.weight_dtype)
 
 
 def _clip_from_state_dict(state_dict: dict[str, torch.Tensor], config_dir: str, opts: FluxOptions) -> Any:

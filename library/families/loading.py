@@ -335,6 +335,32 @@ def alphas_cumprod_from_scheduler_config(config: dict) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
+# T5 (SD3's text_encoder_3, Flux's text_encoder_2)
+# ----------------------------------------------------------------------------------------------
+def keep_t5_fp32_modules(t5: Any) -> Any:
+    """T5's feed-forward output (`wo`) overflows fp16: keep the modules transformers lists in
+    `_keep_in_fp32_modules` in fp32, as its from_pretrained does for a folder."""
+    keep = set(type(t5)._keep_in_fp32_modules or ())
+    for name, module in t5.named_modules():
+        if name.rpartition(".")[2] in keep:
+            module.float()
+    return t5
+
+
+def t5_from_state_dict(state_dict: dict[str, torch.Tensor], config_dir: str, subfolder: str,
+                       dtype: torch.dtype) -> Any:
+    """T5EncoderModel from transformers-layout keys; files (KS t5xxl_fp16.safetensors) store the tied embedding
+    once, as `shared.weight`."""
+    from transformers import T5EncoderModel
+
+    weights = dict(state_dict)
+    if "encoder.embed_tokens.weight" not in weights and "shared.weight" in weights:
+        weights["encoder.embed_tokens.weight"] = weights["shared.weight"]
+    t5 = model_from_config(T5EncoderModel, config_dir, subfolder, weights, dtype, "--t5xxl")
+    return keep_t5_fp32_modules(t5) if dtype == torch.float16 else t5
+
+
+# ----------------------------------------------------------------------------------------------
 # VAE
 # ----------------------------------------------------------------------------------------------
 def _is_diffusers_vae_layout(state_dict: dict[str, torch.Tensor]) -> bool:

@@ -192,22 +192,7 @@ def _clip_from_state_dict(state_dict: dict[str, torch.Tensor] | None, config_dir
 
 
 def _t5_from_state_dict(state_dict: dict[str, torch.Tensor], config_dir: str, opts: SD3Options) -> Any:
-    """T5EncoderModel from transformers-layout keys; files store the tied embedding once (`shared.weight`)."""
-    from transformers import T5EncoderModel
-
-    weights = dict(state_dict)
-    if "encoder.embed_tokens.weight" not in weights and "shared.weight" in weights:
-        weights["encoder.embed_tokens.weight"] = weights["shared.weight"]
-    t5 = loading.model_from_config(T5EncoderModel, config_dir, "text_encoder_3", weights, opts.weight_dtype,
-                                   "--t5xxl")
-    if opts.weight_dtype == torch.float16:
-        # T5's feed-forward output (`wo`) overflows fp16: transformers keeps it in fp32
-        # (T5EncoderModel._keep_in_fp32_modules), as from_pretrained does for a diffusers folder.
-        keep = set(T5EncoderModel._keep_in_fp32_modules or ())
-        for name, module in t5.named_modules():
-            if name.rpartition(".")[2] in keep:
-                module.float()
-    return t5
+    return loading.t5_from_state_dict(state_dict, config_dir, "text_encoder_3", opts.weight_dtype)
 
 
 def _to(mask: torch.Tensor | None, module: torch.nn.Module) -> torch.Tensor | None:
@@ -218,12 +203,7 @@ def _t5_in_dtype(t5: Any, dtype: torch.dtype) -> Any:
     """--t5xxl_dtype: T5 in that dtype; in fp16 its feed-forward output stays fp32 (transformers'
     _keep_in_fp32_modules, as from_pretrained does)."""
     t5.to(dtype)
-    if dtype == torch.float16:
-        keep = set(type(t5)._keep_in_fp32_modules or ())
-        for name, module in t5.named_modules():
-            if name.rpartition(".")[2] in keep:
-                module.float()
-    return t5
+    return loading.keep_t5_fp32_modules(t5) if dtype == torch.float16 else t5
 
 
 def _load_single_file(opts: SD3Options, path: str) -> tuple[Any, Any, list, list, dict, str]:
