@@ -39,6 +39,26 @@ logger = logging.getLogger(__name__)
 # =========================================================================================================
 # The module
 # =========================================================================================================
+def down_up_layers(org: torch.nn.Module, out_features: int, dim: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The rank-`dim` down and up layers of a LoRA on `org`: Linears, or for a conv a down conv with org's kernel,
+    stride, padding and dilation and a 1×1 up conv (KS LoCon)."""
+    if isinstance(org, torch.nn.Conv2d):
+        return (torch.nn.Conv2d(org.in_channels, dim, org.kernel_size, org.stride, org.padding, org.dilation,
+                                bias=False),
+                torch.nn.Conv2d(dim, out_features, (1, 1), (1, 1), bias=False))
+    return torch.nn.Linear(org.in_features, dim, bias=False), torch.nn.Linear(dim, out_features, bias=False)
+
+
+def register_alpha(module: torch.nn.Module, alpha: float | torch.Tensor | None) -> None:
+    """The `alpha` buffer (saved in files) and `scale = alpha / rank` of a LoRA module with `lora_dim` set.
+    KS: alpha None or 0 means "no scaling" (alpha = rank, scale 1)."""
+    if isinstance(alpha, torch.Tensor):
+        alpha = float(alpha.detach().float())
+    alpha = float(module.lora_dim if alpha is None or alpha == 0 else alpha)
+    module.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32))
+    module.scale = alpha / module.lora_dim
+
+
 class LoRAModule(torch.nn.Module):
     """Low-rank update of one Linear / Conv2d. For a conv, down has the org kernel, stride and padding and up is
     1×1 (KS LoCon), so up∘down is the conv with weight up·down."""
@@ -49,20 +69,9 @@ class LoRAModule(torch.nn.Module):
         super().__init__()
         self.lora_name = lora_name
         self.lora_dim = int(lora_dim)
-        if isinstance(org_module, torch.nn.Conv2d):
-            self.lora_down = torch.nn.Conv2d(org_module.in_channels, self.lora_dim, org_module.kernel_size,
-                                             org_module.stride, org_module.padding, org_module.dilation, bias=False)
-            self.lora_up = torch.nn.Conv2d(self.lora_dim, org_module.out_channels, (1, 1), (1, 1), bias=False)
-        else:
-            self.lora_down = torch.nn.Linear(org_module.in_features, self.lora_dim, bias=False)
-            self.lora_up = torch.nn.Linear(self.lora_dim, org_module.out_features, bias=False)
-
-        if isinstance(alpha, torch.Tensor):
-            alpha = float(alpha.detach().float())
-        # KS: alpha None or 0 means "no scaling" (alpha = rank, scale 1).
-        alpha = float(self.lora_dim if alpha is None or alpha == 0 else alpha)
-        self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32))
-        self.scale = alpha / self.lora_dim
+        out_features = org_module.out_channels if isinstance(org_module, torch.nn.Conv2d) else org_module.out_features
+        self.lora_down, self.lora_up = down_up_layers(org_module, out_features, self.lora_dim)
+        register_alpha(self, alpha)
 
         torch.nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         torch.nn.init.zeros_(self.lora_up.weight)

@@ -31,7 +31,7 @@ from library import flux_convert
 from library.errors import UserError, closest
 from library.fileio import atomic_write
 from networks.hashing import precalculate_safetensors_hashes
-from networks.lora import read_lora_file
+from networks.lora import read_lora_file, register_alpha
 from networks.lora_keys import _linear_or_conv_in, unwrap
 from networks.network_api import KSNetworkAPI
 from networks.lora_options import check_rank_and_alpha
@@ -81,11 +81,7 @@ class FluxLoRAModule(torch.nn.Module):
             torch.nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
         for up in self._ups():
             torch.nn.init.zeros_(up.weight)
-        if isinstance(alpha, torch.Tensor):
-            alpha = float(alpha.detach().float())
-        alpha = float(self.lora_dim if alpha is None or alpha == 0 else alpha)  # KS: 0 / None -> no scaling
-        self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32))
-        self.scale = alpha / self.lora_dim
+        register_alpha(self, alpha)
         self.multiplier = multiplier
         self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
         self.org_modules_ref = list(org_modules)   # a list: the org modules must not become submodules

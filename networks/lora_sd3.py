@@ -32,7 +32,8 @@ import torch
 from library.errors import UserError, closest
 from library.families import get_family
 from library.sd3_convert import _BLOCK, _QKV, _TOP
-from networks.lora import _param_groups, _per_text_encoder, read_lora_file, LoRANetwork
+from networks.lora import (_param_groups, _per_text_encoder, down_up_layers, read_lora_file, register_alpha,
+                           LoRANetwork)
 from networks.lora_keys import _linear_or_conv_in, text_encoder_list, unwrap
 from networks.network_api import KSNetworkAPI
 from networks.lora_options import _bool, _block_selection, _non_negative_int, _positive_float, _probability, \
@@ -275,18 +276,8 @@ class SD3LoRAModule(torch.nn.Module):
         first = target.parts[0].module
         out_features = sum(int(p.rows.numel()) if p.rows is not None else _out_features(p.module)
                            for p in target.parts) if len(target.parts) > 1 else _out_features(first)
-        if isinstance(first, torch.nn.Conv2d):
-            self.lora_down = torch.nn.Conv2d(first.in_channels, self.lora_dim, first.kernel_size, first.stride,
-                                             first.padding, first.dilation, bias=False)
-            self.lora_up = torch.nn.Conv2d(self.lora_dim, out_features, (1, 1), (1, 1), bias=False)
-        else:
-            self.lora_down = torch.nn.Linear(first.in_features, self.lora_dim, bias=False)
-            self.lora_up = torch.nn.Linear(self.lora_dim, out_features, bias=False)
-        if isinstance(alpha, torch.Tensor):
-            alpha = float(alpha.detach().float())
-        alpha = float(self.lora_dim if alpha is None or alpha == 0 else alpha)
-        self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32))
-        self.scale = alpha / self.lora_dim
+        self.lora_down, self.lora_up = down_up_layers(first, out_features, self.lora_dim)
+        register_alpha(self, alpha)
         torch.nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         torch.nn.init.zeros_(self.lora_up.weight)
         self.multiplier = multiplier
