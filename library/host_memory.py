@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 import sys
 
@@ -49,6 +50,15 @@ def keep_freed_memory_in_heap() -> bool:
     if libc is None:
         return False
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
+
+
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the system now (glibc malloc_trim; explicit, so it works with trimming
+    switched off): after the VAE is released, after building a large model."""
+    gc.collect()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def apply(device_type: str, return_freed_memory: bool) -> None:

@@ -1,7 +1,6 @@
 """Memory the training steps do not need, given back after set-up.
 
     release_unused_vae(models, group, unused) -> bool   drop the VAE when `unused` and every latent is cached
-    return_freed_memory()                    glibc malloc_trim: hand freed heap pages back to the OS
 
 The VAE (0.33 GiB fp32 for SD1.5, the same for SDXL) is used by latent caching, sample images (decode) and the
 validation set (built before the loop, but `compute` puts the VAE in eval mode): it is dropped only with
@@ -10,9 +9,9 @@ step never runs them, but LoRA modules of the text encoder hook into their layer
 """
 from __future__ import annotations
 
-import ctypes
-import gc
 import logging
+
+from library.host_memory import trim_heap
 
 logger = logging.getLogger(__name__)
 
@@ -24,14 +23,7 @@ def release_unused_vae(models, group, unused: bool) -> bool:
     if not all(item.latents is not None or item.latents_path for item in group.training_items()):
         return False  # a batch with an uncached image encodes it in the step
     models.vae.to("meta")  # weights freed; config and structure stay (SDXL reads the VAE's scale factor per step)
-    return_freed_memory()
+    trim_heap()
     logger.info("latents cached and no sampling or validation: the VAE is released")
     return True
 
-
-def return_freed_memory() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass

@@ -251,9 +251,9 @@ def model_from_config(cls: Any, config_dir: str, subfolder: str, state_dict: dic
     # 0.65 GiB after the bf16 SD3 MMDiT, measured; hand them back before the next model is built (full-size
     # models only: it costs a garbage collection).
     if sum(w.numel() * w.element_size() for w in weights.values()) >= _TRIM_AFTER_BYTES:
-        from library.lean import return_freed_memory
+        from library.host_memory import trim_heap
 
-        return_freed_memory()
+        trim_heap()
     return module
 
 
