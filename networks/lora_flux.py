@@ -28,12 +28,13 @@ from typing import Any
 import torch
 
 from library import flux_convert
-from library.errors import UserError, closest
+from library.errors import UserError
 from library.fileio import atomic_write
 from networks.hashing import precalculate_safetensors_hashes
 from networks.lora import read_lora_file, register_alpha
 from networks.lora_keys import _linear_or_conv_in, unwrap
 from networks.network_api import KSNetworkAPI
+from networks.network_args import check_key
 from networks.lora_options import check_rank_and_alpha
 
 logger = logging.getLogger(__name__)
@@ -255,12 +256,7 @@ class FluxNetworkOptions:
     @classmethod
     def parse(cls, kwargs: dict[str, Any]) -> "FluxNetworkOptions":
         for key in kwargs:
-            if key in REFUSED_ARGS:
-                raise UserError(f"--network_args: {key}: not supported by networks.lora_flux: {REFUSED_ARGS[key]}")
-            if key not in NETWORK_ARGS:
-                hint = closest(key, NETWORK_ARGS)
-                raise UserError(f"--network_args: unknown key '{key}' for networks.lora_flux"
-                                + (f"; did you mean '{hint}'?" if hint else f"; valid: {', '.join(NETWORK_ARGS)}"))
+            check_key(key, NETWORK_ARGS, "networks.lora_flux", REFUSED_ARGS)
         opts = cls(rank_dropout=_probability("rank_dropout", kwargs.get("rank_dropout")),
                    module_dropout=_probability("module_dropout", kwargs.get("module_dropout")),
                    split_qkv=_bool(kwargs.get("split_qkv", False)), train_t5xxl=_bool(kwargs.get("train_t5xxl", False)),

@@ -13,9 +13,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from library.errors import UserError, closest
+from library.errors import UserError
 from library.families import get_family
 from networks import lora_blocks
+from networks.network_args import check_key
 
 
 @dataclass
@@ -185,13 +186,7 @@ def validate_network_args(network_args: dict, family: str, network_dim=None, net
     options = LoraOptions(dim=dim, alpha=alpha, dropout=dropout)
     raw_block: dict[str, str] = {}
     for key, raw in network_args.items():
-        if key in _NOT_HERE:
-            raise UserError(f"--network_args: '{key}' is not an option of networks.lora: {_NOT_HERE[key]}")
-        if key not in KNOWN_KEYS:
-            suggestion = closest(key, KNOWN_KEYS)
-            hint = f"did you mean '{suggestion}'? " if suggestion else ""
-            raise UserError(f"--network_args: unknown key '{key}' for networks.lora; {hint}"
-                            f"valid keys: {', '.join(KNOWN_KEYS)}")
+        check_key(key, KNOWN_KEYS, "networks.lora", _NOT_HERE)
         if raw is None or (isinstance(raw, str) and raw.strip().lower() == "none"):
             continue
         if key in _BLOCK_KEYS:

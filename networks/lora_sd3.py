@@ -29,13 +29,14 @@ from typing import Any
 
 import torch
 
-from library.errors import UserError, closest
+from library.errors import UserError
 from library.families import get_family
 from library.sd3_convert import _BLOCK, _QKV, _TOP
 from networks.lora import (_param_groups, _per_text_encoder, down_up_layers, read_lora_file, register_alpha,
                            LoRANetwork)
 from networks.lora_keys import _linear_or_conv_in, text_encoder_list, unwrap
 from networks.network_api import KSNetworkAPI
+from networks.network_args import check_key
 from networks.lora_options import _bool, _block_selection, _non_negative_int, _positive_float, _probability, \
     check_rank_and_alpha
 
@@ -134,13 +135,7 @@ def validate_network_args(network_args: dict, family: str, network_dim=None, net
     o = SD3LoraOptions(dim=dim, alpha=alpha, dropout=dropout)
     type_dims: list[int | None] = [None] * 6
     for key, raw in network_args.items():
-        if key in _REFUSED:
-            raise UserError(f"--network_args: '{key}' is not an option of networks.lora_sd3: {_REFUSED[key]}")
-        if key not in _KEYS:
-            suggestion = closest(key, _KEYS)
-            hint = f"did you mean '{suggestion}'? " if suggestion else ""
-            raise UserError(f"--network_args: unknown key '{key}' for networks.lora_sd3; {hint}valid keys: "
-                            f"{', '.join(_KEYS)}")
+        check_key(key, _KEYS, "networks.lora_sd3", _REFUSED)
         if raw is None or (isinstance(raw, str) and raw.strip().lower() == "none"):
             continue
         parse, example = _KEYS[key]

@@ -13,6 +13,7 @@ import os
 
 from library.errors import UserError, closest
 from library.families import get_family
+from networks.network_args import check_key
 
 
 def _number(minimum: float | None = None, integer: bool = False):
@@ -94,11 +95,7 @@ def validate_network_args(network_args: dict, family: str, network_dim=None, net
         if key in _KS_LORA_ONLY:
             raise UserError(f"--network_args: '{key}' is a networks.lora option; LyCORIS selects modules with "
                             "preset= (a name or a preset .toml)")
-        if key not in LYCORIS_KEYS:
-            suggestion = closest(key, LYCORIS_KEYS)
-            hint = f"did you mean '{suggestion}'? " if suggestion else ""
-            raise UserError(f"--network_args: unknown key '{key}' for lycoris.kohya (LyCORIS would ignore it); "
-                            f"{hint}valid keys: {', '.join(LYCORIS_KEYS)}")
+        check_key(key, LYCORIS_KEYS, "lycoris.kohya", note=" (LyCORIS would ignore it)")
         try:
             parsed[key] = LYCORIS_KEYS[key](raw)
         except (TypeError, ValueError) as e:

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from library.errors import UserError
+from library.errors import UserError, closest
 from library.fileio import atomic_write
 
 # network modules that are not ours -> our support module for them (validate_network_args, load_weights)
@@ -33,6 +33,18 @@ def split_network_args(items: list[str] | None) -> dict[str, str]:
             raise UserError(f"--network_args: '{key}' is given twice")
         network_kwargs[key] = value.strip()
     return network_kwargs
+
+
+def check_key(key: str, known, module: str, not_here: dict[str, str] | None = None, note: str = "") -> None:
+    """One --network_args key of `module`: a key of another module is refused with the reason in `not_here`; an
+    unknown key names the closest valid one and lists them all."""
+    if not_here and key in not_here:
+        raise UserError(f"--network_args: '{key}' is not an option of {module}: {not_here[key]}")
+    if key not in known:
+        suggestion = closest(key, known)
+        hint = f"did you mean '{suggestion}'? " if suggestion else ""
+        raise UserError(f"--network_args: unknown key '{key}' for {module}{note}; {hint}valid keys: "
+                        f"{', '.join(known)}")
 
 
 def validator_for(network_module: str) -> Callable | None:
