@@ -20,6 +20,7 @@ import time
 import uuid
 from typing import Any
 
+from library import file_hashes
 from library.families import get_family
 
 # KS SS_METADATA_MINIMUM_KEYS: what --no_metadata still writes (what a loader needs to apply the LoRA).
@@ -53,14 +54,20 @@ def model_hash(path: str) -> str:
 
 
 def calculate_sha256(path: str) -> str:
-    """A1111's new hash: sha256 of the whole file. A folder gives KS's "IsADirectory"."""
+    """A1111's new hash: sha256 of the whole file (remembered between runs, library/file_hashes.py). A folder gives
+    KS's "IsADirectory"."""
     if os.path.isdir(path):
         return "IsADirectory"
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_hashes.cached_sha256(path)
+
+
+def prefetch_model_hashes(args: argparse.Namespace) -> None:
+    """Start hashing the files `training_metadata` will hash, in the background, before the models load."""
+    if args.no_metadata:
+        return
+    for path in (args.pretrained_model_name_or_path, args.vae):
+        if path:
+            file_hashes.prefetch(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -229,25 +236,25 @@ def training_metadata(args: argparse.Namespace, family: str, *, num_train_images
     if args.network_args:
         md["ss_network_args"] = json.dumps(dict(a.split("=", 1) for a in args.network_args if "=" in a))
     if args.pretrained_model_name_or_path:
-        md.update(_model_file_keys(args.pretrained_model_name_or_path, "sd_model"))
+        md.update(_model_file_keys(args.pretrained_model_name_or_path, "sd_model", args.no_metadata))
     md.pop("ss_vae_name")
     if args.vae:
-        md.update(_model_file_keys(args.vae, "vae"))
+        md.update(_model_file_keys(args.vae, "vae", args.no_metadata))
     md.update(loss_metadata)
     md.update(dataset_metadata)
     md["ss_seed"] = args.seed  # after the loss keys: the seed the run used, also when it was drawn at random
     return {k: (v if isinstance(v, str) else json.dumps(v) if isinstance(v, dict) else str(v)) for k, v in md.items()}
 
 
-def _model_file_keys(path: str, prefix: str) -> dict[str, str]:
-    """KS: the hashes of a local model file, and its file name only (no user paths in a shared file)."""
-    out = {}
-    name = path
-    if os.path.exists(path):
+def _model_file_keys(path: str, prefix: str, no_metadata: bool = False) -> dict[str, str]:
+    """KS: the hashes of a local model file, and its file name only (no user paths in a shared file). With
+    --no_metadata none of these keys is written, so the file is not hashed."""
+    if not os.path.exists(path):
+        return {f"ss_{prefix}_name": path}
+    out = {f"ss_{prefix}_name": os.path.basename(os.path.normpath(path))}
+    if not no_metadata:
         out[f"ss_{'sd_model' if prefix == 'sd_model' else 'vae'}_hash"] = model_hash(path)
         out[f"ss_new_{'sd_model' if prefix == 'sd_model' else 'vae'}_hash"] = calculate_sha256(path)
-        name = os.path.basename(os.path.normpath(path))
-    out[f"ss_{prefix}_name"] = name
     return out
 
 

@@ -299,6 +299,7 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
     from library.engine import LossEngine
 
     plan = validate(args, adapter)
+    metadata_lib.prefetch_model_hashes(args)  # hashed in the background while models load
     args.seed = plan.seed  # KS: a drawn seed becomes the run's seed (ss_seed, sample seeds)
     data_options = DatasetOptions.from_args(args)
     data_options.seed = plan.seed
@@ -329,6 +330,7 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
             torch.nn.Module.to(module, dtype=dtype)
         _own_weight_memory(module)
     memory_modes.apply_to_models(models, plan.memory)  # --fp8_base: before any network patches the layers
+    speed.vae_layout(models.vae, device)
 
     data_warnings.warn_about_long_captions({item.path: item.caption for item in group.items}, models.tokenizers[0],
                                            args.max_token_length or 75)

@@ -1,5 +1,7 @@
 import os
+import shutil
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -8,6 +10,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The trainer remembers model-file hashes in $LORA_TRAINER_CACHE (library/file_hashes.py): never the user's own
+_CACHE_HOME = tempfile.mkdtemp(prefix="lora-trainer-tests-cache-")
+os.environ["LORA_TRAINER_CACHE"] = _CACHE_HOME
 
 import pytest  # noqa: E402
 
@@ -51,3 +56,9 @@ def _glibc_malloc_defaults():
     host_memory.keep_freed_memory_in_heap = lambda: False
     yield
     host_memory.keep_freed_memory_in_heap = switch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _remove_cache_home():
+    yield
+    shutil.rmtree(_CACHE_HOME, ignore_errors=True)

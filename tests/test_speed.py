@@ -97,3 +97,35 @@ def test_check_mixed_precision_reads_the_current_cuda_device(monkeypatch, capsys
     assert "Tesla T4 (compute capability 7.5)" in capsys.readouterr().out
     speed.check_mixed_precision("fp16")
     assert capsys.readouterr().out == ""
+
+
+def test_vae_layout_is_channels_last_on_cpu_and_encodes_the_same_latents():
+    import torch
+
+    from library import speed
+    from library.tiny_models import tiny_vae
+
+    torch.manual_seed(0)
+    vae = tiny_vae().eval()
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        nchw = vae.encode(images).latent_dist.mean
+    speed.vae_layout(vae, torch.device("cpu"))
+    convs = [m.weight for m in vae.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert all(not w.is_contiguous() for w in convs if w.shape[-1] > 1)  # a 1x1 kernel is both layouts at once
+    with torch.no_grad():
+        nhwc = vae.encode(images).latent_dist.mean
+    assert torch.allclose(nhwc, nchw, rtol=1e-5, atol=1e-6)
+    speed.vae_layout(None, torch.device("cpu"))  # families without a VAE at this point
+
+
+def test_vae_layout_leaves_a_cuda_vae_alone():
+    import torch
+
+    from library import speed
+    from library.tiny_models import tiny_vae
+
+    vae = tiny_vae()
+    speed.vae_layout(vae, torch.device("cuda"))  # only the device type is read; nothing moves
+    assert all(m.weight.is_contiguous() for m in vae.modules() if isinstance(m, torch.nn.Conv2d))
