@@ -159,6 +159,17 @@ def test_predict_is_the_transformer_on_packed_latents(tiny, loaded, variant):
 
 
 @pytest.mark.slow
+def test_modelspec_names_the_variant_read_from_the_model(loaded):
+    """KS sai_model_spec: flux-1-dev / flux-1-schnell / chroma + '/lora', implementation BFL's repo or Chroma's;
+    read from the model (the guidance embedder tells dev from schnell), from a folder or BFL files alike."""
+    want = {"dev": ("flux-1-dev/lora", "https://github.com/black-forest-labs/flux"),
+            "schnell": ("flux-1-schnell/lora", "https://github.com/black-forest-labs/flux"),
+            "chroma": ("chroma/lora", "https://huggingface.co/lodestones/Chroma")}
+    for (variant, source), models in loaded.items():
+        spec = models.extra["metadata"]
+        assert (spec["modelspec.architecture"], spec["modelspec.implementation"]) == want[variant], (variant, source)
+
+
 def test_guidance_conditions_dev_only(loaded):
     noisy = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(1))
     outputs = {}

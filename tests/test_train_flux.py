@@ -169,6 +169,7 @@ def test_every_loss_option_trains_flux_through_the_engine(models, dataset, tmp_p
     with safe_open(path, framework="pt") as f:
         metadata = f.metadata()
     assert metadata["ss_base_model_version"] == "flux1"
+    assert metadata["modelspec.architecture"] == "flux-1-dev/lora"  # KS's name for a dev LoRA
     assert metadata["ss_loss_type"] == LOSS_OPTIONS[name].get("loss_type", "l2")
     assert metadata["ss_prediction_type"] == ("flow_x0" if name == "sigma_scaled" else "flow")
     assert (metadata["ss_model_type"], metadata["ss_guidance_scale"]) == ("flux", "1.0")
@@ -389,7 +390,9 @@ def test_samples_and_validation_loss(models, tmp_path, capsys, variant):
     assert len(images) == 1 and "_7" in os.path.basename(images[0])
     from safetensors import safe_open
     with safe_open(path, framework="pt") as f:
-        assert f.metadata()["ss_base_model_version"] == ("chroma" if variant == "chroma" else "flux1")
+        metadata = f.metadata()
+    assert metadata["ss_base_model_version"] == ("chroma" if variant == "chroma" else "flux1")
+    assert metadata["modelspec.architecture"] == ("chroma/lora" if variant == "chroma" else "flux-1-dev/lora")
     losses = [float(line.rsplit(" ", 1)[1]) for line in capsys.readouterr().out.splitlines()
               if "validation loss" in line]
     assert len(losses) == 2 and all(math.isfinite(v) and v > 0 for v in losses)

@@ -52,5 +52,6 @@ FAMILY = flux.FluxFamily(
     lora_unet_targets=flux.peft_targets, lora_file_format="peft", detects=is_chroma_transformer,
     recognise=recognise_checkpoint,
     base_model_version=flux.base_model_version, extra_metadata=flux.extra_metadata,
+    modelspec_architecture=lambda args: "chroma", modelspec_implementation=flux.IMPL_CHROMA,
     write_tiny_model=functools.partial(flux.write_tiny_model, variant="chroma"),
     tiny_model_flags=("single_file", "model_config_out"), default_resolution=1024, latent_channels=16)

@@ -38,6 +38,11 @@ PREDICTION_TYPES = ("raw", "additive", "sigma_scaled")
 CACHED_T5_TOKENIZERS = (("black-forest-labs/FLUX.1-dev", "tokenizer_2"),
                         ("black-forest-labs/FLUX.1-schnell", "tokenizer_2"), ("lodestones/Chroma1-HD", "tokenizer"),
                         ("google/t5-v1_1-xxl", ""))
+# KS sai_model_spec: modelspec.architecture (ARCH_FLUX_1_DEV / _SCHNELL / ARCH_FLUX_1_CHROMA; "flux-1" when the
+# variant is unknown) and modelspec.implementation (IMPL_FLUX, IMPL_CHROMA) by the variant read from the model
+MODELSPEC_ARCHITECTURES = {"dev": "flux-1-dev", "schnell": "flux-1-schnell", "chroma": "chroma"}
+IMPL_FLUX = "https://github.com/black-forest-labs/flux"
+IMPL_CHROMA = "https://huggingface.co/lodestones/Chroma"
 CHROMA_EXTRA_PADDING = 1   # Chroma attends this many padding tokens after the caption (KS attn_padding)
 
 
@@ -354,7 +359,8 @@ class FluxAdapter:
                       extra={"variant": variant, "t5xxl_max_token_length": max_length,
                              "apply_t5_attn_mask": opts.apply_t5_attn_mask or variant == "chroma",
                              "guidance_scale": float(opts.guidance_scale),
-                             "additive": opts.model_prediction_type == "additive"})
+                             "additive": opts.model_prediction_type == "additive",
+                             "metadata": modelspec_keys(variant)})
 
     def encode_images(self, models: Models, images: torch.Tensor,
                       generator: torch.Generator | None = None) -> torch.Tensor:
@@ -484,6 +490,13 @@ def base_model_version(args: argparse.Namespace) -> str:
     return "chroma" if getattr(args, "model_type", "flux") == "chroma" else "flux1"
 
 
+def modelspec_keys(variant: str) -> dict[str, str]:
+    """The modelspec keys KS writes for a Flux.1 dev / schnell or Chroma LoRA (KS flux_train_network
+    get_sai_model_spec: flux="dev" | "schnell" | "chroma")."""
+    return {"modelspec.architecture": MODELSPEC_ARCHITECTURES[variant] + "/lora",
+            "modelspec.implementation": IMPL_CHROMA if variant == "chroma" else IMPL_FLUX}
+
+
 def extra_metadata(args: argparse.Namespace) -> dict:
     """KS flux_train_network.update_metadata's model keys (the loss / timestep ones come from the loss config)."""
     return {"ss_model_type": args.model_type, "ss_apply_t5_attn_mask": args.apply_t5_attn_mask,
@@ -553,4 +566,5 @@ FAMILY = FluxFamily(
     lora_unet_targets=peft_targets, lora_file_format="peft", detects=is_flux_transformer,
     recognise=recognise_checkpoint,
     base_model_version=base_model_version, extra_metadata=extra_metadata, write_tiny_model=write_tiny_model,
+    modelspec_architecture=lambda args: "flux-1", modelspec_implementation=IMPL_FLUX,  # until the model is read
     tiny_model_flags=("single_file", "model_config_out"), default_resolution=1024, latent_channels=16)
