@@ -29,7 +29,7 @@ from library.families import get_family
 from networks.hashing import precalculate_safetensors_hashes
 from networks.lora_blocks import block_layout
 from networks.network_api import KSNetworkAPI
-from networks.lora_options import LoraOptions, validate_network_args  # noqa: F401  (KS-style module API)
+from networks.lora_options import validate_network_args  # noqa: F401  (KS-style module API)
 from networks.lora_keys import (LORA_PREFIX_TEXT_ENCODER, LORA_PREFIX_TEXT_ENCODER1, LORA_PREFIX_TEXT_ENCODER2,
                                 LoraTarget, detect_family, text_encoder_list, text_encoder_targets, unet_targets)
 
@@ -57,6 +57,15 @@ def register_alpha(module: torch.nn.Module, alpha: float | torch.Tensor | None) 
     alpha = float(module.lora_dim if alpha is None or alpha == 0 else alpha)
     module.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32))
     module.scale = alpha / module.lora_dim
+
+
+def rank_keep_mask(lx: torch.Tensor, rank: int, p: float, channels_first: bool) -> torch.Tensor:
+    """KS rank_dropout: a Bernoulli(1-p) keep-mask over (sample, rank channel) of lx = down(x), shaped to broadcast
+    over tokens / pixels: [B, r, 1, 1] for a conv's lx (channels first), else [B, 1, ..., r]."""
+    keep = (torch.rand((lx.size(0), rank), device=lx.device) > p).to(lx.dtype)
+    if channels_first:
+        return keep.view(lx.size(0), rank, *([1] * (lx.dim() - 2)))
+    return keep.view(lx.size(0), *([1] * (lx.dim() - 2)), rank)
 
 
 class LoRAModule(torch.nn.Module):
@@ -139,11 +148,7 @@ class LoRAModule(torch.nn.Module):
         return org_forwarded + self.lora_up(lx) * (self.multiplier * scale)
 
     def _rank_mask(self, lx: torch.Tensor) -> torch.Tensor:
-        """Bernoulli(1-p) keep-mask over (sample, rank channel), broadcast over tokens / pixels."""
-        keep = (torch.rand((lx.size(0), self.lora_dim), device=lx.device) > self.rank_dropout).to(lx.dtype)
-        if isinstance(self.lora_down, torch.nn.Conv2d):  # [B, r, H, W]
-            return keep.view(lx.size(0), self.lora_dim, *([1] * (lx.dim() - 2)))
-        return keep.view(lx.size(0), *([1] * (lx.dim() - 2)), self.lora_dim)  # [B, ..., r]
+        return rank_keep_mask(lx, self.lora_dim, self.rank_dropout, isinstance(self.lora_down, torch.nn.Conv2d))
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scale · up·down in the org weight's shape (fp32; conv: Σ_r up[o,r]·down[r,i,kh,kw])."""

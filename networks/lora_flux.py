@@ -19,8 +19,6 @@ with ``train_t5xxl=True``), KS's prefixes. See docs/flux.md and docs/lora-format
 from __future__ import annotations
 
 import logging
-import math
-import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -29,10 +27,9 @@ import torch
 
 from library import flux_convert
 from library.errors import UserError
-from library.fileio import atomic_write
-from networks.hashing import precalculate_safetensors_hashes
-from networks.lora import read_lora_file, register_alpha
+from networks.lora import _param_groups, read_lora_file, LoRANetwork
 from networks.lora_keys import _linear_or_conv_in, unwrap
+from networks.lora_parts import PartsLoRAModule
 from networks.network_api import KSNetworkAPI
 from networks.network_args import check_key
 from networks.lora_options import check_rank_and_alpha
@@ -60,107 +57,23 @@ REFUSED_ARGS = {"ggpo_sigma": "LoRA-GGPO is not built here", "ggpo_beta": "LoRA-
 # =========================================================================================================
 # The module
 # =========================================================================================================
-class FluxLoRAModule(torch.nn.Module):
-    """A LoRA on one KS-named Linear made of ``len(org_modules)`` diffusers Linears (outputs stacked)."""
+class FluxLoRAModule(PartsLoRAModule):
+    """A LoRA on one KS-named Linear made of ``len(org_modules)`` diffusers Linears (outputs stacked, rows in order;
+    networks/lora_parts.py)."""
+
+    cast_to_lora_dtype = True   # an fp32 LoRA on a half model without autocast (CPU)
 
     def __init__(self, lora_name: str, org_modules: list[torch.nn.Linear], multiplier: float = 1.0,
                  lora_dim: int = 4, alpha: float | torch.Tensor | None = 1.0, dropout: float | None = None,
                  rank_dropout: float | None = None, module_dropout: float | None = None, split: bool = False):
-        super().__init__()
-        self.lora_name, self.lora_dim = lora_name, int(lora_dim)
-        in_dim = org_modules[0].in_features
-        self.out_dims = [m.out_features for m in org_modules]
-        self.split = split and len(org_modules) > 1
-        if self.split:   # KS split_qkv: each part its own rank-r down and up
-            self.lora_down = torch.nn.ModuleList(torch.nn.Linear(in_dim, self.lora_dim, bias=False)
-                                                 for _ in org_modules)
-            self.lora_up = torch.nn.ModuleList(torch.nn.Linear(self.lora_dim, d, bias=False) for d in self.out_dims)
-        else:
-            self.lora_down = torch.nn.Linear(in_dim, self.lora_dim, bias=False)
-            self.lora_up = torch.nn.Linear(self.lora_dim, sum(self.out_dims), bias=False)
-        for down in self._downs():
-            torch.nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
-        for up in self._ups():
-            torch.nn.init.zeros_(up.weight)
-        register_alpha(self, alpha)
-        self.multiplier = multiplier
-        self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
-        self.org_modules_ref = list(org_modules)   # a list: the org modules must not become submodules
-        self.org_forwards: list = []
-        self.patched_before: list[bool] = []
+        super().__init__(lora_name, org_modules, multiplier, lora_dim, alpha, dropout=dropout,
+                         rank_dropout=rank_dropout, module_dropout=module_dropout, split=split)
         self.module_paths: list[str] = []
         self.is_text_encoder = lora_name.startswith("lora_te")
 
-    def _downs(self) -> list[torch.nn.Linear]:
-        return list(self.lora_down) if self.split else [self.lora_down]
-
-    def _ups(self) -> list[torch.nn.Linear]:
-        return list(self.lora_up) if self.split else [self.lora_up]
-
-    def apply_to(self) -> None:
-        """Route each org module's forward through its part of this LoRA."""
-        if self.org_forwards:
-            return
-        self.patched_before = [("forward" in vars(m)) for m in self.org_modules_ref]  # e.g. --fp8_base's forward
-        for i, module in enumerate(self.org_modules_ref):
-            self.org_forwards.append(module.forward)
-            module.forward = self._part_forward(i)
-
-    def restore(self) -> None:
-        """Undo apply_to: each org module computes what it did before (its own or a previous patch's forward)."""
-        for module, forward, was_patched in zip(self.org_modules_ref, self.org_forwards, self.patched_before):
-            if was_patched:
-                module.forward = forward
-            elif "forward" in vars(module):
-                del module.forward
-        self.org_forwards = []
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.scale = float(self.alpha) / self.lora_dim   # a loaded alpha takes effect (as networks.lora)
-
-    def _rows(self, i: int) -> slice:
-        start = sum(self.out_dims[:i])
-        return slice(start, start + self.out_dims[i])
-
-    def _part_forward(self, i: int):
-        def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-            out = self.org_forwards[i](x, *args, **kwargs)
-            if self.module_dropout is not None and self.training and torch.rand(1).item() < self.module_dropout:
-                return out
-            down = self.lora_down[i] if self.split else self.lora_down
-            lx = down(x.to(down.weight.dtype))   # fp32 LoRA on a half model without autocast (CPU)
-            if self.dropout is not None and self.training:
-                lx = torch.nn.functional.dropout(lx, p=self.dropout)
-            scale = self.scale
-            if self.rank_dropout is not None and self.training:
-                keep = (torch.rand(lx.shape[0], self.lora_dim, device=lx.device) > self.rank_dropout).to(lx.dtype)
-                lx = lx * keep.view(lx.shape[0], *([1] * (lx.dim() - 2)), self.lora_dim)
-                scale = scale / (1.0 - self.rank_dropout)
-            up = self.lora_up[i].weight if self.split else self.lora_up.weight[self._rows(i)]
-            return out + (torch.nn.functional.linear(lx, up) * (self.multiplier * scale)).to(out.dtype)
-        forward.is_lora = True
-        return forward
-
-    def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(down, up) as KS writes them: split parts merged block-diagonally (down [k·r, in], up [Σd, k·r])."""
-        if not self.split:
-            return self.lora_down.weight.detach(), self.lora_up.weight.detach()
-        down = torch.cat([d.weight.detach() for d in self.lora_down], dim=0)
-        up = torch.block_diag(*[u.weight.detach() for u in self.lora_up])
-        return down, up
-
-    def file_alpha(self) -> torch.Tensor:
-        """The alpha written to the file. A merged split module has rank k·r there, and every reader (KS, ComfyUI,
-        diffusers) scales by alpha/rank, so the file holds k·alpha to keep ΔW (KS writes alpha unchanged, which
-        makes its split_qkv files k times weaker everywhere but in its own split modules)."""
-        parts = len(self.out_dims) if self.split else 1
-        return self.alpha.detach() * parts
-
-    def delta_weight(self) -> torch.Tensor:
-        """ΔW of the fused BFL Linear [Σd, in] (fp32)."""
-        down, up = self.fused_weights()
-        return (up.float() @ down.float()) * (float(self.file_alpha()) / down.shape[0])
+    def delta_scale(self, rank: int) -> float:
+        """The file's alpha over the file's rank (what every reader of the file computes)."""
+        return float(self.file_alpha()) / rank
 
 
 # =========================================================================================================
@@ -461,16 +374,7 @@ class FluxLoRANetwork(KSNetworkAPI, torch.nn.Module):
 
     def save_weights(self, file: str, dtype: torch.dtype | None, metadata: dict | None) -> None:
         """Write the LoRA file atomically, with KS's sshs hashes in the metadata."""
-        from safetensors.torch import save_file
-
-        tensors = self.file_state_dict(dtype)
-        if os.path.splitext(file)[1].lower() == ".safetensors":
-            metadata = {str(k): v if isinstance(v, str) else str(v) for k, v in (metadata or {}).items()}
-            metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = precalculate_safetensors_hashes(tensors,
-                                                                                                         metadata)
-            atomic_write(file, lambda tmp: save_file(tensors, tmp, metadata))
-        else:
-            atomic_write(file, lambda tmp: torch.save(tensors, tmp))
+        LoRANetwork.save_weights(self, file, dtype, metadata)
 
     def internal_state_dict(self, weights_sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
         """File keys -> this network's state_dict keys (fused files into split modules: KS's block split),
@@ -493,7 +397,7 @@ class FluxLoRANetwork(KSNetworkAPI, torch.nn.Module):
                 for i, part in enumerate(value.chunk(k, dim=0)):
                     internal[f"{name}.lora_down.{i}.weight"] = part
             else:
-                blocks = [value[lora._rows(i), i * r:(i + 1) * r] for i in range(k)]
+                blocks = [value[lora.rows[i], i * r:(i + 1) * r] for i in range(k)]
                 if not torch.equal(torch.block_diag(*blocks).to(value), value):
                     raise UserError(f"--network_weights: {key} is not block-diagonal, so it was not trained with "
                                     "split_qkv=True; drop split_qkv=True to load it")
@@ -519,25 +423,7 @@ class FluxLoRANetwork(KSNetworkAPI, torch.nn.Module):
             internal, _ = self.internal_state_dict(weights_sd)
             self.load_state_dict(internal, strict=False)
         for lora in self.text_encoder_loras + self.unet_loras:
-            lora.restore()
-            delta = lora.delta_weight() * lora.multiplier
-            for i, module in enumerate(lora.org_modules_ref):
-                module.weight.add_(delta[lora._rows(i)].to(module.weight))
-
-
-def _param_groups(loras: list[FluxLoRAModule], lr, loraplus_ratio: float | None) -> list[dict]:
-    """[{'params': downs + ups, 'lr': lr}] or, with LoRA+, the ups in their own group at lr·ratio; lr 0 freezes."""
-    if not loras:
-        return []
-    downs = [p for l in loras for m in l._downs() for p in m.parameters()]
-    ups = [p for l in loras for m in l._ups() for p in m.parameters()]
-    if lr is not None and lr == 0:
-        for p in downs + ups:
-            p.requires_grad_(False)
-        return []
-    parts = [(downs + ups, lr)] if loraplus_ratio is None else [(downs, lr), (ups, None if lr is None else
-                                                                                lr * loraplus_ratio)]
-    return [{"params": params, **({"lr": group_lr} if group_lr is not None else {})} for params, group_lr in parts]
+            lora.merge_to_org()
 
 
 # =========================================================================================================

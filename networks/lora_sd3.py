@@ -23,18 +23,16 @@ ComfyUI both read) writes ``transformer.<diffusers path>.lora_A/B`` per diffuser
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from library.errors import UserError
 from library.families import get_family
 from library.sd3_convert import _BLOCK, _QKV, _TOP
-from networks.lora import (_param_groups, _per_text_encoder, down_up_layers, read_lora_file, register_alpha,
-                           LoRANetwork)
+from networks.lora import _param_groups, _per_text_encoder, read_lora_file, LoRANetwork
 from networks.lora_keys import _linear_or_conv_in, text_encoder_list, unwrap
+from networks.lora_parts import PartsLoRAModule
 from networks.network_api import KSNetworkAPI
 from networks.network_args import check_key
 from networks.lora_options import _bool, _block_selection, _non_negative_int, _positive_float, _probability, \
@@ -255,93 +253,19 @@ def _peft_name(target: SD3Target, part: Part) -> str:
 # =========================================================================================================
 # The module
 # =========================================================================================================
-class SD3LoRAModule(torch.nn.Module):
-    """One KS LoRA module over one or more diffusers modules (fused qkv: three). lora_down [r, in] (a conv with the
-    org kernel for the patch conv), lora_up [Σ out, r]; each part adds multiplier·scale·U[rows]·D x to its org
-    output. Init as KS: down kaiming_uniform(a=√5), up zeros."""
+class SD3LoRAModule(PartsLoRAModule):
+    """One KS LoRA module over one or more diffusers modules (fused qkv: three; networks/lora_parts.py). lora_down
+    [r, in] (a conv with the org kernel for the patch conv), lora_up [Σ out, r]; each part adds
+    multiplier·scale·U[rows]·D x to its org output, rows from the target (swapped halves for SAI's adaLN)."""
 
     def __init__(self, target: SD3Target, multiplier: float, lora_dim: int, alpha: float | None,
                  dropout: float | None = None, rank_dropout: float | None = None,
                  module_dropout: float | None = None):
-        super().__init__()
-        self.lora_name = target.lora_name
+        super().__init__(target.lora_name, [p.module for p in target.parts], multiplier, lora_dim, alpha,
+                         dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout,
+                         rows=[p.rows for p in target.parts])
         self.component = target.component
         self.target = target
-        self.lora_dim = int(lora_dim)
-        first = target.parts[0].module
-        out_features = sum(int(p.rows.numel()) if p.rows is not None else _out_features(p.module)
-                           for p in target.parts) if len(target.parts) > 1 else _out_features(first)
-        self.lora_down, self.lora_up = down_up_layers(first, out_features, self.lora_dim)
-        register_alpha(self, alpha)
-        torch.nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        torch.nn.init.zeros_(self.lora_up.weight)
-        self.multiplier = multiplier
-        self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
-        self._org_forwards: list[Any] = []
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.scale = float(self.alpha) / self.lora_dim   # a loaded alpha takes effect (as networks.lora)
-
-    @property
-    def is_applied(self) -> bool:
-        return bool(self._org_forwards)
-
-    def apply_to(self) -> None:
-        if self.is_applied:
-            return
-        for index, part in enumerate(self.target.parts):
-            self._org_forwards.append((part.module.forward, "forward" in vars(part.module)))
-            part.module.forward = lambda x, *a, _i=index, **k: self._forward_part(_i, x, *a, **k)
-
-    def restore(self) -> None:
-        for part, (org, was_patched) in zip(self.target.parts, self._org_forwards):
-            if was_patched:
-                part.module.forward = org
-            else:
-                del part.module.forward
-        self._org_forwards = []
-
-    def up_weight(self, index: int) -> torch.Tensor:
-        """The rows of lora_up that part `index` gets."""
-        rows = self.target.parts[index].rows
-        weight = self.lora_up.weight
-        return weight if rows is None else weight[rows.to(weight.device)]
-
-    def _forward_part(self, index: int, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        org_forwarded = self._org_forwards[index][0](x, *args, **kwargs)
-        if self.module_dropout is not None and self.training and torch.rand(1).item() < self.module_dropout:
-            return org_forwarded
-        lx = self.lora_down(x)
-        if self.dropout is not None and self.training:
-            lx = torch.nn.functional.dropout(lx, p=self.dropout)
-        scale = self.scale
-        if self.rank_dropout is not None and self.training:
-            keep = (torch.rand((lx.size(0), self.lora_dim), device=lx.device) > self.rank_dropout).to(lx.dtype)
-            shape = (lx.size(0), self.lora_dim, *([1] * (lx.dim() - 2))) if lx.dim() == 4 and \
-                isinstance(self.lora_down, torch.nn.Conv2d) else (lx.size(0), *([1] * (lx.dim() - 2)), self.lora_dim)
-            lx = lx * keep.view(shape)
-            scale = scale / (1.0 - self.rank_dropout)
-        up = self.up_weight(index)
-        out = torch.nn.functional.conv2d(lx, up) if up.dim() == 4 else torch.nn.functional.linear(lx, up)
-        return org_forwarded + out * (self.multiplier * scale)
-
-    def delta_weight(self) -> torch.Tensor:
-        """ΔW = scale·U·D of the KS (fused) module, fp32."""
-        up, down = self.lora_up.weight.float(), self.lora_down.weight.float()
-        if down.dim() == 4:
-            return torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down) * self.scale
-        return (up @ down) * self.scale
-
-    def part_delta(self, index: int) -> torch.Tensor:
-        """ΔW of the diffusers module of part `index` (its rows of the fused ΔW)."""
-        rows = self.target.parts[index].rows
-        delta = self.delta_weight()
-        return delta if rows is None else delta[rows]
-
-
-def _out_features(module: torch.nn.Module) -> int:
-    return module.out_channels if isinstance(module, torch.nn.Conv2d) else module.out_features
 
 
 # =========================================================================================================
@@ -489,10 +413,7 @@ class SD3LoRANetwork(KSNetworkAPI, torch.nn.Module):
         if weights_sd is not None:
             self.load_file_state_dict(weights_sd)
         for lora in self.text_encoder_loras + self.unet_loras:
-            lora.restore()
-            for index, part in enumerate(lora.target.parts):
-                weight = part.module.weight
-                weight.add_((lora.part_delta(index) * lora.multiplier).to(weight.device, weight.dtype))
+            lora.merge_to_org()
 
 
 def to_ks_state_dict(file_sd: dict[str, torch.Tensor], targets: list[SD3Target], alpha_of) \

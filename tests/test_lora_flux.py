@@ -120,7 +120,7 @@ def test_single_block_linear1_split_matches_diffusers_converter_at_full_width():
     for i, part in enumerate(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")):
         a = converted[f"transformer.single_transformer_blocks.0.{part}.lora_A.weight"]
         b = converted[f"transformer.single_transformer_blocks.0.{part}.lora_B.weight"]
-        assert torch.allclose(b @ a, delta[lora._rows(i)], atol=1e-5), part
+        assert torch.allclose(b @ a, delta[lora.rows[i]], atol=1e-5), part
 
 
 # ----------------------------------------------------------------------------------------------

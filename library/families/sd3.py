@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from library.errors import UserError
-from library.families import loading, sd3_flags
+from library.families import detect, loading, sd3_flags
 from library.families.base import Family, ModelOptions, Models
 from library.sd3_convert import CLIP_G_PREFIX, CLIP_L_PREFIX, MMDIT_PREFIX, T5_PREFIX
 from networks import lora_keys
@@ -422,7 +422,6 @@ class SD3Family(Family):
 # ----------------------------------------------------------------------------------------------
 def recognise_checkpoint(ckpt: detect.Checkpoint) -> detect.Detected | None:
     """This family's diffusers folders and single files, from configs or tensor names (nothing loads)."""
-    from library.families import detect
     if ckpt.kind == "diffusers":
         if ckpt.pipeline_class.startswith("StableDiffusion3") or \
                 ckpt.config("transformer").get("_class_name") == "SD3Transformer2DModel":
