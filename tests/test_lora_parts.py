@@ -79,6 +79,23 @@ def _check_parts(parts, training: bool, options: dict) -> int:
     return skipped
 
 
+def _check_forwards(network, parts, options: dict) -> None:
+    """Every patched part equals the reference in eval and, over seeds, in training (module dropout skipping some
+    calls and not others); restore puts each class forward back."""
+    regularisers = dict(dropout=options.get("neuron_dropout"),
+                        rank_dropout=float(options["rank_dropout"]) if options else None,
+                        module_dropout=float(options["module_dropout"]) if options else None)
+    try:
+        network.eval()
+        _check_parts(parts, False, regularisers)
+        network.train()
+        skipped = _check_parts(parts, True, regularisers)
+        assert (0 < skipped < 6 * len(parts)) if options else skipped == 0
+    finally:
+        network.restore()
+    assert not any("forward" in vars(m) for m, *_ in parts)
+
+
 # ----------------------------------------------------------------------------------------------
 # SD3: fused qkv (three diffusers modules), swapped adaLN halves, the patch conv
 # ----------------------------------------------------------------------------------------------
@@ -123,18 +140,7 @@ def test_sd3_parts_add_scaled_rows_of_one_fused_lora(sd3_pipe, options):
     network.apply_to(encoders, pipe.transformer, True, True)
     parts = _sd3_parts(network)
     assert any(isinstance(m, torch.nn.Conv2d) for m, *_ in parts)
-    regularisers = dict(dropout=options.get("neuron_dropout"),
-                        rank_dropout=float(options["rank_dropout"]) if options else None,
-                        module_dropout=float(options["module_dropout"]) if options else None)
-    try:
-        network.eval()
-        _check_parts(parts, False, regularisers)
-        network.train()
-        skipped = _check_parts(parts, True, regularisers)
-        assert (0 < skipped < 6 * len(parts)) if options else skipped == 0
-    finally:
-        network.restore()
-    assert not any("forward" in vars(m) for m, *_ in parts)   # restore puts the class forward back
+    _check_forwards(network, parts, options)
 
     # files: kohya = the state_dict; peft B = scale · U[rows] per diffusers module (A shared)
     network.set_file_format("kohya")
@@ -199,18 +205,7 @@ def test_flux_parts_add_scaled_rows_of_one_fused_lora(flux_pipe, split, options)
     assert list(linear1.state_dict()) == names   # resume files' names
     network.apply_to(encoders, pipe.transformer, False, True)
     parts = _flux_parts(network, pipe.transformer)
-    regularisers = dict(dropout=options.get("neuron_dropout"),
-                        rank_dropout=float(options["rank_dropout"]) if options else None,
-                        module_dropout=float(options["module_dropout"]) if options else None)
-    try:
-        network.eval()
-        _check_parts(parts, False, regularisers)
-        network.train()
-        skipped = _check_parts(parts, True, regularisers)
-        assert (0 < skipped < 6 * len(parts)) if options else skipped == 0
-    finally:
-        network.restore()
-    assert not any("forward" in vars(m) for m, *_ in parts)
+    _check_forwards(network, parts, options)
 
     # the file: KS's fused tensors (split: down stacked, up block-diagonal, alpha k·alpha so alpha/rank is kept)
     file = network.file_state_dict()
