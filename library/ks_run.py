@@ -108,13 +108,14 @@ def merge_base_weights(args: argparse.Namespace, models: Any, weight_dtype, devi
     """--base_weights: LoRA files merged into the frozen weights before training (KS), each with its multiplier."""
     if not args.base_weights:
         return
-    network_module = importlib.import_module(args.network_module or "networks.lora")
+    from networks import network_args
+
+    network_module = args.network_module or "networks.lora"
     text_encoders = models.text_encoders if len(models.text_encoders) > 1 else models.text_encoders[0]
     for i, path in enumerate(args.base_weights):
         multipliers = args.base_weights_multiplier or []
         multiplier = multipliers[i] if i < len(multipliers) else 1.0
         print(f"merging --base_weights {path} with multiplier {multiplier}")
-        network, weights = network_module.create_network_from_weights(multiplier, path, models.vae, text_encoders,
-                                                                      models.denoiser, for_inference=True)
-        network.load_state_dict(weights, strict=False)
-        network.merge_to(text_encoders, models.denoiser, None, weight_dtype, device)
+        network, weights = network_args.create_network_from_weights(network_module, multiplier, path, models.vae,
+                                                                    text_encoders, models.denoiser, for_inference=True)
+        network.merge_to(text_encoders, models.denoiser, weights, weight_dtype, device)  # KS passes the weights

@@ -683,8 +683,9 @@ def _make_network(args, plan: Plan, models):
     network_module = importlib.import_module(args.network_module)
     text_encoders = models.text_encoders if len(models.text_encoders) > 1 else models.text_encoders[0]
     if args.dim_from_weights:
-        network, _ = network_module.create_network_from_weights(1.0, args.network_weights, models.vae, text_encoders,
-                                                                models.denoiser, **plan.network_kwargs)
+        network, _ = network_args_lib.create_network_from_weights(args.network_module, 1.0, args.network_weights,
+                                                                  models.vae, text_encoders, models.denoiser,
+                                                                  **plan.network_kwargs)
     else:
         network = network_module.create_network(1.0, args.network_dim, args.network_alpha, models.vae, text_encoders,
                                                 models.denoiser, neuron_dropout=args.network_dropout,
@@ -692,6 +693,7 @@ def _make_network(args, plan: Plan, models):
     if getattr(args, "scale_weight_norms", None):
         network_args_lib.check_network_supports_max_norm(network, args.network_module)
     network.apply_to(text_encoders, models.denoiser, plan.train_text_encoder, plan.train_unet)
+    network_args_lib.prepare_network(network, args.network_module, models.denoiser, text_encoders)  # file names
     lora_format.apply(network, args)  # --lora_format (SD3 family flag): peft | kohya keys
     if args.network_weights:  # with --dim_from_weights too: the shapes came from the file, so do the weights
         info = network_args_lib.load_network_weights(network, args.network_module, args.network_weights,

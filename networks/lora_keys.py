@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from library.ldm_convert import RESNET_TO_LDM
+
 # KS networks/lora.py target tables: a Linear / Conv2d anywhere inside a module of these classes gets a LoRA.
 UNET_TARGET_REPLACE_MODULE = ("Transformer2DModel",)
 UNET_TARGET_REPLACE_MODULE_CONV2D_3X3 = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
@@ -108,8 +110,7 @@ def _linear_or_conv_in(root: torch.nn.Module, block_classes: tuple[str, ...]):
 # ---------------------------------------------------------------------------------------------------------
 # SDXL: diffusers UNet path -> SAI (SGM) path
 # ---------------------------------------------------------------------------------------------------------
-_RESNET_TO_SAI = {"conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "conv2": "out_layers.3",
-                  "conv_shortcut": "skip_connection"}
+_RESNET_TO_SAI = dict(RESNET_TO_LDM)  # conv1 -> in_layers.2, norm1 -> in_layers.0, ...
 
 
 def _per_block(value, n: int) -> list[int]:
@@ -125,9 +126,9 @@ def sdxl_sai_path(path: str, unet_config) -> str:
       mid_block.resnets.0 / attentions.0 / resnets.1 -> middle_block.0 / .1 / .2
       up_blocks.b.{resnets,attentions}.l    -> output_blocks.(Σ_{b'<b}(L'_b'+1) + l).{0,1}
       up_blocks.b.upsamplers.0.conv         -> output_blocks.(last layer of b).(2 if b has attention else 1).conv
-    Resnet children: conv1 -> in_layers.2, time_emb_proj -> emb_layers.1, conv2 -> out_layers.3,
-    conv_shortcut -> skip_connection. Source: SGM openaimodel.UNetModel; diffusers
-    lora_conversion_utils._maybe_map_sgm_blocks_to_diffusers (the inverse).
+    Resnet children (library/ldm_convert.RESNET_TO_LDM): conv1 -> in_layers.2, time_emb_proj -> emb_layers.1,
+    conv2 -> out_layers.3, conv_shortcut -> skip_connection, norm1 / norm2 -> in_layers.0 / out_layers.0.
+    Source: SGM openaimodel.UNetModel; diffusers lora_conversion_utils._maybe_map_sgm_blocks_to_diffusers (the inverse).
     Real SDXL (L = 2): down_blocks.1.attentions.0 -> input_blocks.4.1, up_blocks.0.attentions.0 ->
     output_blocks.0.1."""
     n_down = len(unet_config["down_block_types"])

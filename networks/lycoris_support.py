@@ -1,5 +1,5 @@
 """`--network_module lycoris.kohya` (LyCORIS's own kohya interface): its network_args checked before any model
-loads, and --network_weights loaded without silently skipping modules.
+loads, --network_weights loaded without silently skipping modules, and files whose module names are KS's.
 
 LyCORIS (package lycoris-lora, pinned in requirements.txt) reads its keys with `kwargs.get` and ignores any other,
 and reads a boolean as True unless it is the string "False" (lycoris.utils.str_bool). So a typo or `dora_wd=0`
@@ -10,6 +10,8 @@ which option is LyCORIS's own table (lycoris.config_sdk.ALGO_REGISTRY).
 from __future__ import annotations
 
 import os
+
+import torch
 
 from library.errors import UserError, closest
 from library.families import get_family
@@ -122,18 +124,25 @@ def validate_network_args(network_args: dict, family: str, network_dim=None, net
 
 
 # ---------------------------------------------------------------------------------------------------------
-# files
+# files: modules named as KS names them
 # ---------------------------------------------------------------------------------------------------------
-# diffusers paths of the SDXL modules LyCORIS's "full" preset targets by name, and their SAI (KS) paths
-_SAI_NAMED_MODULES = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
-                      "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
-                      "add_embedding.linear_2": "label_emb.0.2"}
+# LyCORIS names a module `<prefix>_<its path in the model it is given>` ('.' -> '_'; lycoris/kohya.py). KS gives it
+# other models than we do, so two kinds of names differ:
+# * SDXL UNet: KS trains SDXL on its SAI-layout UNet (library/sdxl_original_unet.py), so its files say
+#   lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q where ours (diffusers UNet) said
+#   lora_unet_down_blocks_1_attentions_0_.... SD1/SD2: KS's UNet (library/original_unet.py) uses diffusers paths.
+# * CLIP text encoders: KS (transformers 4) has the `text_model.` level in CLIPTextModel; transformers 5 dropped it
+#   there (CLIPTextModelWithProjection keeps it), so LyCORIS here said lora_te1_encoder_layers_0_... where KS and
+#   ComfyUI (comfy/lora.py model_lora_keys_clip) say lora_te1_text_model_encoder_layers_0_....
+# Files are written with KS's names; --network_weights reads KS's names and our older ones. The network itself
+# (and --resume states, which hold its state_dict) keeps LyCORIS's names.
+KS_NAMES_ATTRIBUTE = "ks_file_names"  # set on the network by prepare_network: {our module name: KS's name}
 
 
 def sai_to_diffusers_names(denoiser) -> dict[str, str]:
-    """'lora_unet_<SAI path>' -> 'lora_unet_<diffusers path>' for every module of an SDXL-layout UNet. KS trains
-    SDXL on its SAI-layout UNet, so a KS-trained LyCORIS SDXL file names modules by SAI paths; LyCORIS on the
-    diffusers UNet names them by diffusers paths (what this trainer writes)."""
+    """'lora_unet_<SAI path>' -> 'lora_unet_<diffusers path>' for every module of an SDXL-layout UNet that has an
+    SAI path (networks.lora_keys.sdxl_sai_path; the top-level modules from library/ldm_convert.UNET_TOP_TO_LDM)."""
+    from library.ldm_convert import UNET_TOP_TO_LDM
     from networks.lora_keys import sdxl_sai_path, unwrap
 
     unet = unwrap(denoiser)
@@ -142,24 +151,119 @@ def sai_to_diffusers_names(denoiser) -> dict[str, str]:
         try:
             sai = sdxl_sai_path(path, unet.config)
         except (ValueError, IndexError, KeyError, TypeError):
-            sai = _SAI_NAMED_MODULES.get(path)
+            sai = UNET_TOP_TO_LDM.get(path)
         if sai:
             mapping["lora_unet_" + sai.replace(".", "_")] = "lora_unet_" + path.replace(".", "_")
     return mapping
 
 
+def ks_names_unet_by_sai_path(denoiser) -> bool:
+    """True when KS trains this UNet's family in the SAI layout (SDXL): its networks.lora targets carry SAI names."""
+    from library.families import detect_family
+    from networks.lora_keys import sai_unet_targets, unwrap
+
+    return detect_family(unwrap(denoiser)).lora_unet_targets is sai_unet_targets
+
+
+def _by_prefix(text_encoders) -> list[tuple[str, object]]:
+    """(LyCORIS prefix, encoder): lora_te1, lora_te2, ... for a list, lora_te for one module (lycoris/kohya.py)."""
+    if text_encoders is None:
+        return []
+    if isinstance(text_encoders, (list, tuple)):
+        return [(f"lora_te{i + 1}", te) for i, te in enumerate(text_encoders) if te is not None]
+    return [("lora_te", text_encoders)]
+
+
+def ks_module_names(denoiser, text_encoders=None) -> dict[str, str]:
+    """LyCORIS's name of a module of these models -> the name KS gives it, for every module whose names differ."""
+    from networks.lora_keys import unwrap
+
+    names = {}
+    if denoiser is not None and ks_names_unet_by_sai_path(denoiser):
+        names.update({ours: sai for sai, ours in sai_to_diffusers_names(denoiser).items()})
+    for prefix, te in _by_prefix(text_encoders):
+        te = unwrap(te)
+        if type(te).__name__.startswith("CLIPTextModel") and not hasattr(te, "text_model"):
+            for path, _ in te.named_modules():
+                if path:
+                    names[f"{prefix}_{path}".replace(".", "_")] = f"{prefix}_text_model_{path}".replace(".", "_")
+    return names
+
+
+def _module_names(keys) -> list[str]:
+    return list(dict.fromkeys(key.split(".", 1)[0] for key in keys))
+
+
+def file_names(network, denoiser, text_encoders=None) -> dict[str, str]:
+    """Each module name of this (applied) network -> the name its files carry (KS's). A UNet module of an SDXL
+    network without an SAI-layout equal is refused: KS and ComfyUI would not find it."""
+    from networks.lora_keys import unwrap
+
+    names = ks_module_names(denoiser, text_encoders)
+    sai_layout = denoiser is not None and ks_names_unet_by_sai_path(denoiser)
+    out = {}
+    for module in _module_names(network.state_dict()):
+        if sai_layout and module.startswith("lora_unet_"):
+            if module.endswith(("_proj_in", "_proj_out")) and not unwrap(denoiser).config.get("use_linear_projection"):
+                raise UserError(f"--network_module lycoris.kohya: {module} is a 1x1 convolution in this SDXL UNet "
+                                "(use_linear_projection=False) but a Linear in KS's SDXL UNet, so its tensors would "
+                                "not fit KS or ComfyUI; use an SDXL model with linear projections")
+            if module not in names:
+                raise UserError(f"--network_module lycoris.kohya: {module} has no SAI-layout name (KS's SDXL UNet "
+                                "has no such module), so KS and ComfyUI could not load it; use a preset without it")
+        out[module] = names.get(module, module)
+    return out
+
+
+def prepare_network(network, denoiser, text_encoders) -> None:
+    """After apply_to, before training: the file names of every module (refusing modules KS cannot name)."""
+    setattr(network, KS_NAMES_ATTRIBUTE, file_names(network, denoiser, text_encoders))
+
+
+def save_weights(network, file: str, dtype, metadata: dict | None) -> None:
+    """LyCORIS's save_weights (lycoris/kohya.py: dtype cast, its sshs_model_hash, safetensors or a pickle) with each
+    module under the name KS gives it (prepare_network); suffixes (lora_up, hada_w1_a, lokr_w1, dora_scale, ...)
+    are LyCORIS's."""
+    from lycoris.utils import precalculate_safetensors_hashes
+    from safetensors.torch import save_file
+
+    names = getattr(network, KS_NAMES_ATTRIBUTE, None) or {}
+    tensors = {}
+    for key, value in network.state_dict().items():
+        module, _, rest = key.partition(".")
+        if dtype is not None:
+            value = value.detach().clone().to("cpu").to(dtype)
+        tensors[f"{names.get(module, module)}.{rest}"] = value
+    if os.path.splitext(file)[1] == ".safetensors":
+        metadata = dict(metadata or {})
+        metadata["sshs_model_hash"] = precalculate_safetensors_hashes(tensors)
+        save_file(tensors, file, metadata)
+    else:
+        torch.save(tensors, file)
+
+
+def _to_network_names(weights: dict, names: dict[str, str]) -> dict:
+    """File keys (KS's names, or this trainer's older LyCORIS names) -> this network's keys."""
+    ours = {ks: own for own, ks in names.items()}
+    renamed = {}
+    for key, value in weights.items():
+        module, _, rest = key.partition(".")
+        renamed[f"{ours.get(module, module)}.{rest}" if rest else key] = value
+    return renamed
+
+
 def load_weights(network, file: str, denoiser) -> dict:
     """--network_weights for a LyCORIS network: LyCORIS's own load (load_state_dict, strict=False), except that a
-    key naming no module of this network is an error (LyCORIS would skip it silently and train from scratch), and
-    SAI-named SDXL modules (KS-trained files) are renamed to this network's names first."""
+    key naming no module of this network is an error (LyCORIS would skip it silently and train from scratch).
+    KS's names (SAI paths for SDXL, `text_model_` for CLIP) and our older names (diffusers paths) both load."""
     from networks.lora import read_lora_file
 
     weights, _ = read_lora_file(file)
+    names = getattr(network, KS_NAMES_ATTRIBUTE, None)
+    if names is None:
+        names = ks_module_names(denoiser) if hasattr(denoiser, "config") else {}
+    weights = _to_network_names(weights, names)
     own = set(network.state_dict())
-    module_of = {key.split(".", 1)[0] for key in own}
-    if any(key.split(".", 1)[0] not in module_of for key in weights):
-        renamed = sai_to_diffusers_names(denoiser) if hasattr(denoiser, "config") else {}
-        weights = {_rename(key, renamed): value for key, value in weights.items()}
     unknown = [key for key in weights if key not in own]
     if unknown:
         raise UserError(f"--network_weights: {len(unknown)} tensors of {file} name no module of this LyCORIS "
@@ -175,6 +279,13 @@ def load_weights(network, file: str, denoiser) -> dict:
     return {"missing keys": info.missing_keys} if info.missing_keys else {}
 
 
-def _rename(key: str, renamed: dict[str, str]) -> str:
-    module, _, rest = key.partition(".")
-    return f"{renamed.get(module, module)}.{rest}" if rest else key
+def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd=None, **kwargs):
+    """lycoris.kohya.create_network_from_weights (--dim_from_weights, --base_weights) on a file with KS's names or
+    ours: LyCORIS looks modules up by this model's paths, so it would skip every renamed one silently."""
+    from lycoris.kohya import create_network_from_weights as lycoris_from_weights
+    from networks.lora import read_lora_file
+
+    if weights_sd is None:
+        weights_sd, _ = read_lora_file(file, "--base_weights" if kwargs.get("for_inference") else "--network_weights")
+    weights_sd = _to_network_names(weights_sd, ks_module_names(unet, text_encoder))
+    return lycoris_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd=weights_sd, **kwargs)

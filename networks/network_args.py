@@ -17,7 +17,8 @@ import torch
 from library.errors import UserError, closest
 from library.fileio import atomic_write
 
-# network modules that are not ours -> our support module for them (validate_network_args, load_weights)
+# network modules that are not ours -> our support module for them (validate_network_args, load_weights,
+# save_weights, prepare_network, create_network_from_weights)
 _SUPPORT_MODULES = {"lycoris.kohya": "networks.lycoris_support"}
 
 
@@ -79,18 +80,42 @@ def check_network_supports_max_norm(network, network_module: str) -> None:
                         "apply_max_norm_regularization; drop the flag or use networks.lora / lycoris.kohya")
 
 
+def _support_function(network_module: str, name: str) -> Callable | None:
+    """Our support module's replacement for a third-party network module's function, or None."""
+    return getattr(_support(network_module), name, None) if network_module in _SUPPORT_MODULES else None
+
+
+def create_network_from_weights(network_module: str, multiplier: float, file: str, vae, text_encoders, denoiser,
+                                **kwargs):
+    """The module's create_network_from_weights (--dim_from_weights, --base_weights); LyCORIS's through our support
+    module, which maps the file's KS module names to this model's."""
+    create = _support_function(network_module, "create_network_from_weights")
+    create = create or importlib.import_module(network_module).create_network_from_weights
+    return create(multiplier, file, vae, text_encoders, denoiser, **kwargs)
+
+
+def prepare_network(network, network_module: str, denoiser, text_encoders) -> None:
+    """After apply_to: the support module's checks and file names for the network (LyCORIS: KS's module names)."""
+    prepare = _support_function(network_module, "prepare_network")
+    if prepare is not None:
+        prepare(network, denoiser, text_encoders)
+
+
 def load_network_weights(network, network_module: str, file: str, denoiser):
     """--network_weights into an applied network: the support module's load_weights(network, file, denoiser)
     when it has one (LyCORIS: no silently skipped modules), else the network's own load_weights (KS)."""
-    load = getattr(_support(network_module), "load_weights", None) if network_module in _SUPPORT_MODULES else None
+    load = _support_function(network_module, "load_weights")
     return load(network, file, denoiser) if load is not None else network.load_weights(file)
 
 
 def save_network_weights(network, file: str, dtype: torch.dtype | None, metadata: dict) -> None:
-    """network.save_weights(file, dtype, metadata), atomically: networks.lora writes atomically itself; any
-    other module writes a temp file with the same extension (it picks the format from it), then os.replace."""
+    """network.save_weights(file, dtype, metadata) (LyCORIS's through our support module: KS's module names),
+    atomically: networks.lora writes atomically itself; any other module writes a temp file with the same
+    extension (it picks the format from it), then os.replace."""
     if getattr(network, "saves_atomically", False):
         network.save_weights(file, dtype, metadata)
         return
+    save = _support_function(type(network).__module__, "save_weights")
+    write = (lambda f, d, m: save(network, f, d, m)) if save is not None else network.save_weights
     extension = os.path.splitext(file)[1]
-    atomic_write(file, lambda tmp: network.save_weights(tmp, dtype, dict(metadata)), suffix=".tmp" + extension)
+    atomic_write(file, lambda tmp: write(tmp, dtype, dict(metadata)), suffix=".tmp" + extension)
