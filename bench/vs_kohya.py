@@ -185,7 +185,9 @@ def measure(command: list[str], cwd: str, threads: int | None, log_path: str, py
             log.write(chunk)
             buffer += chunk
             *segments, buffer = re.split(rb"[\r\n]", buffer)
-            for segment in segments:
+            # tqdm writes "\r<bar>" and ends the line only at the next update: the text after the last \r is the
+            # bar as it stands now (reading only finished segments dated every update one step late)
+            for segment in [*segments, buffer]:
                 found = _PROGRESS.search(segment.decode("utf-8", "replace"))
                 if found:
                     step = int(found.group(1))
