@@ -13,13 +13,6 @@ import pytest
 from library import file_hashes, metadata
 
 
-@pytest.fixture(autouse=True)
-def no_pending_hashes(monkeypatch) -> None:
-    """Each test starts with no background hash: earlier tests' training runs (e.g. test_faults_family_flux) may
-    leave theirs in the module-wide table when they stop before the metadata is written."""
-    monkeypatch.setattr(file_hashes, "_pending", {})
-
-
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> str:
     folder = tmp_path / "cache"
