@@ -609,7 +609,8 @@ def _forward_backward(run: Run, batch: dict, micro_step: int):
         if batch.get("latents") is not None:
             latents = batch["latents"].to(device, torch.float32)
         else:
-            latents = adapter.encode_images(models, batch["images"].to(device, torch.float32)).float()
+            # contiguous: a channels_last VAE (speed.vae_layout) returns NHWC latents, which would run the UNet in NHWC
+            latents = adapter.encode_images(models, batch["images"].to(device, torch.float32)).float().contiguous()
     if batch.get("text_encoder_outputs") is not None:
         conditioning = {k: v.to(device) for k, v in batch["text_encoder_outputs"].items()}
         if plan.train_text_encoder:  # a partial cache (Flux: T5 cached, the trained CLIP-L runs live)
@@ -645,7 +646,7 @@ def _cache_latents(args, adapter, models, group, accelerator) -> None:
 
     def encode(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return adapter.encode_images(models, images.to(accelerator.device, torch.float32)).float().cpu()
+            return adapter.encode_images(models, images.to(accelerator.device, torch.float32)).float().cpu().contiguous()
 
     # The main process fills the disk cache first; the others then read it instead of recomputing.
     if args.cache_latents_to_disk:

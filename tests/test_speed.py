@@ -129,3 +129,34 @@ def test_vae_layout_leaves_a_cuda_vae_alone():
     vae = tiny_vae()
     speed.vae_layout(vae, torch.device("cuda"))  # only the device type is read; nothing moves
     assert all(m.weight.is_contiguous() for m in vae.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_latents_reach_the_unet_in_the_default_layout(setup, monkeypatch):
+    """The VAE encodes in channels_last on the CPU; the latents the UNet gets (cached or encoded in the step) are
+    contiguous NCHW, so the UNet does not silently switch to NHWC (slower on the CPU, bench/speed_options.py)."""
+    import torch
+
+    from library import training_loop
+
+    model, data, root = setup
+    layouts = []
+    for cache in (True, False):
+        original = training_loop._forward_backward
+
+        def recorded(run, batch, micro_step):
+            predict = run.adapter.predict
+
+            def spy(models, noisy, *args, **kwargs):
+                layouts.append((cache, noisy.is_contiguous()))
+                return predict(models, noisy, *args, **kwargs)
+
+            monkeypatch.setattr(run.adapter, "predict", spy)
+            try:
+                return original(run, batch, micro_step)
+            finally:
+                monkeypatch.undo()
+
+        monkeypatch.setattr(training_loop, "_forward_backward", recorded)
+        run_inprocess("sd1", base_argv(model, data, str(root / f"layout_{cache}"), steps=1, cache_latents=cache))
+        monkeypatch.setattr(training_loop, "_forward_backward", original)
+    assert layouts == [(True, True), (False, True)]
