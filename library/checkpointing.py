@@ -30,7 +30,7 @@ import re
 import shutil
 import signal
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file

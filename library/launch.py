@@ -116,7 +116,6 @@ class Supervisor:
         return code == 130 or -code in FORWARDED
 
     def exit_code(self) -> int:
-        codes = [w.poll() for w in self.workers]
         if self.failed is not None:
             rank, code = self.failed
             if code < 0:

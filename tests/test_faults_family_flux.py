@@ -2,7 +2,6 @@
 another trainer they are refused before anything loads, naming flux_train_network.py / chroma_train_network.py;
 SD1/SDXL/SD3 models given to the Flux and Chroma trainers likewise; a Chroma model needs --model_type chroma with
 flux_train_network.py (KS trains Chroma that way) and then validates."""
-import os
 
 import pytest
 

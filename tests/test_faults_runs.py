@@ -197,7 +197,7 @@ def test_ctrl_c_to_two_processes_saves_once_and_resumes_only_with_two(sd15, data
     states = check_final_named_files(str(tmp_path / "out"))
     assert len(states) == 1
     folder = next(iter(states.values()))
-    assert f"resume with: accelerate launch --num_processes 2" in out and f"--resume {folder}" in out
+    assert "resume with: accelerate launch --num_processes 2" in out and f"--resume {folder}" in out
     assert checkpointing.validate_state_folder(folder).world_size == 2
     result = subprocess.run([PYTHON, os.path.join(ROOT, "train_network.py"),
                              *base_argv(sd15, dataset, str(tmp_path / "out"), steps=100000), "--resume", folder],

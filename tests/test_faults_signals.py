@@ -1,7 +1,6 @@
 """Issue 13 #2, #4, #14: SIGTERM and SIGUSR1 act like Ctrl-C, the launcher's forwarded copy is not a second
 press, a signal during a save lets the save finish, a failed save mid-run keeps the previous files and writes
 one emergency copy elsewhere."""
-import errno
 import os
 import signal
 

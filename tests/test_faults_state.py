@@ -4,12 +4,11 @@ a save that fails or is interrupted keeps the previous state and leaves no tempo
 import errno
 import json
 import os
-import shutil
 
 import pytest
 import torch
 
-from library import checkpointing, preflight
+from library import checkpointing
 from library.checkpointing import TrainState
 from library.errors import UserError
 from tests.test_faults_preflight import _Payload, argv_for, one_line_error, run

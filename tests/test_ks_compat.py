@@ -1,6 +1,5 @@
 """Every flag of KS's three LoRA trainers is known here with KS's name, type, default and choices, and has one
 recorded disposition (library/ks_compat.py); docs/kohya-compat.md is generated from that table."""
-import argparse
 import json
 import os
 

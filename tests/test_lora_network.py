@@ -1,9 +1,7 @@
 """networks/lora.py: module math, dropout modes, key names per family, save/load, metadata, hashes, atomic writes."""
 from __future__ import annotations
 
-import glob
 import hashlib
-import math
 import os
 from types import SimpleNamespace
 
@@ -11,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import load_file, save
 
 import networks.lora as lora_mod
 from library.errors import UserError
 from library.tiny_models import build_sd15, build_sd3, build_sdxl
-from networks.hashing import addnet_hash_legacy, precalculate_safetensors_hashes
+from networks.hashing import precalculate_safetensors_hashes
 from networks.lora import LoRAModule, create_network, create_network_from_weights
 from networks.lora_keys import detect_family, sdxl_sai_path
 

@@ -5,7 +5,6 @@ import json
 import os
 import re
 
-import pytest
 
 from library import metadata, train_util
 

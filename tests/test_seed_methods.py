@@ -1,7 +1,6 @@
 """Issue 14: the loss-map range fix in the engine, masked loss, learned weighting, loss-map files and their flags,
 with oracle values, and a resumed run with --loss_weighting learned and --masked_loss equal to the uninterrupted
 one."""
-import math
 import os
 
 import numpy as np

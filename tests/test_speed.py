@@ -134,8 +134,6 @@ def test_vae_layout_leaves_a_cuda_vae_alone():
 def test_latents_reach_the_unet_in_the_default_layout(setup, monkeypatch):
     """The VAE encodes in channels_last on the CPU; the latents the UNet gets (cached or encoded in the step) are
     contiguous NCHW, so the UNet does not silently switch to NHWC (slower on the CPU, bench/speed_options.py)."""
-    import torch
-
     from library import training_loop
 
     model, data, root = setup

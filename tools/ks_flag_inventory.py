@@ -21,7 +21,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any, Callable
+from typing import Any
 from unittest import mock
 
 SCRIPTS = ("train_network.py", "sdxl_train_network.py", "sd3_train_network.py")

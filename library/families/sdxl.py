@@ -27,7 +27,6 @@ from library.families.loading import (
     load_clip_tokenizer,
     load_component,
     load_single_file_state_dict,
-    load_tokenizer,
     load_vae,
     model_from_config,
     read_scheduler_config,
