@@ -118,4 +118,5 @@ def merge_base_weights(args: argparse.Namespace, models: Any, weight_dtype, devi
         print(f"merging --base_weights {path} with multiplier {multiplier}")
         network, weights = network_args.create_network_from_weights(network_module, multiplier, path, models.vae,
                                                                     text_encoders, models.denoiser, for_inference=True)
-        network.merge_to(text_encoders, models.denoiser, weights, weight_dtype, device)  # KS passes the weights
+        network_args.merge_network(network, network_module, text_encoders, models.denoiser, weights, weight_dtype,
+                                   device)  # KS passes the weights

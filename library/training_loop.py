@@ -681,16 +681,15 @@ def _cache_text_encoder_outputs(args, adapter, models, group, accelerator) -> No
 
 def _make_network(args, plan: Plan, models):
     from networks import lora_format
-    network_module = importlib.import_module(args.network_module)
     text_encoders = models.text_encoders if len(models.text_encoders) > 1 else models.text_encoders[0]
     if args.dim_from_weights:
         network, _ = network_args_lib.create_network_from_weights(args.network_module, 1.0, args.network_weights,
                                                                   models.vae, text_encoders, models.denoiser,
                                                                   **plan.network_kwargs)
     else:
-        network = network_module.create_network(1.0, args.network_dim, args.network_alpha, models.vae, text_encoders,
-                                                models.denoiser, neuron_dropout=args.network_dropout,
-                                                **plan.network_kwargs)
+        network = network_args_lib.create_network(args.network_module, 1.0, args.network_dim, args.network_alpha,
+                                                  models.vae, text_encoders, models.denoiser,
+                                                  neuron_dropout=args.network_dropout, **plan.network_kwargs)
     if getattr(args, "scale_weight_norms", None):
         network_args_lib.check_network_supports_max_norm(network, args.network_module)
     network.apply_to(text_encoders, models.denoiser, plan.train_text_encoder, plan.train_unet)

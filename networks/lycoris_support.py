@@ -104,6 +104,10 @@ def validate_network_args(network_args: dict, family: str, network_dim=None, net
             raise UserError(f"--network_args: {key}={raw!r} {e or 'is not valid'}") from None
 
     algo = str(parsed.get("algo", "lora")).lower()
+    if algo == "full":
+        raise UserError("--network_args: algo=full does not run with LyCORIS 3.4.0 (its FullModule deletes the layer's "
+                        "weight, then calls the layer's own forward, which needs it, and it refuses bypass_mode); "
+                        "use algo=lokr with factor=-1 (near full rank) or algo=locon with a large --network_dim")
     if algo not in network_module_dict:
         suggestion = closest(algo, network_module_dict)
         hint = f"did you mean '{suggestion}'? " if suggestion else ""
@@ -289,3 +293,76 @@ def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weigh
         weights_sd, _ = read_lora_file(file, "--base_weights" if kwargs.get("for_inference") else "--network_weights")
     weights_sd = _to_network_names(weights_sd, ks_module_names(unet, text_encoder))
     return lycoris_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd=weights_sd, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# presets on diffusers UNets
+# ---------------------------------------------------------------------------------------------------------
+# LyCORIS's presets select UNet modules by class name, and `attn-only` names the attention class of KS's own UNets
+# (CrossAttention: sd-scripts library/original_unet.py and sdxl_original_unet.py), which diffusers calls Attention
+# (diffusers/models/attention_processor.py). So on our UNets attn-only would train no UNet module at all. The other
+# class names LyCORIS 3.4.0's presets use (Transformer2DModel, ResnetBlock2D, Downsample2D, Upsample2D) are the
+# same in both.
+DIFFUSERS_CLASS_NAMES = {"CrossAttention": "Attention"}  # KS's UNet class -> the same module's diffusers class
+_TRANSLATED_PRESET = "__lycoris_support_diffusers__"  # the private PRESET entry create_network is pointed at
+
+
+def preset_for_diffusers(preset: dict) -> dict:
+    """A LyCORIS preset dict with each KS UNet class it names also named by its diffusers class (attn-only:
+    CrossAttention -> also Attention), so the same modules are trained on a diffusers UNet as on KS's."""
+    modules = list(preset.get("unet_target_module", []))
+    added = [DIFFUSERS_CLASS_NAMES[m] for m in modules if m in DIFFUSERS_CLASS_NAMES]
+    return {**preset, "unet_target_module": modules + [m for m in added if m not in modules]}
+
+
+def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, unet, **kwargs):
+    """lycoris.kohya.create_network with its preset (a built-in name or a .toml) translated for our diffusers UNet
+    (preset_for_diffusers). LyCORIS applies the preset it finds in its PRESET table under the given name to its
+    network class; the translated one is put there under a private name for the duration of the call."""
+    from lycoris import config as lycoris_config
+    from lycoris.kohya import create_network as lycoris_create_network
+    from lycoris.utils.preset import read_preset
+
+    name = kwargs.get("preset", "full")
+    preset = lycoris_config.PRESET.get(name) or read_preset(name)
+    if preset is None:
+        raise UserError(f"--network_args: preset={name!r} could not be read as a LyCORIS preset .toml")
+    lycoris_config.PRESET[_TRANSLATED_PRESET] = preset_for_diffusers(preset)
+    try:
+        return lycoris_create_network(multiplier, network_dim, network_alpha, vae, text_encoder, unet,
+                                      **{**kwargs, "preset": _TRANSLATED_PRESET})
+    finally:
+        del lycoris_config.PRESET[_TRANSLATED_PRESET]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --base_weights: merged as the network's forward computes
+# ---------------------------------------------------------------------------------------------------------
+def _forward_diff_weight(module, multiplier=1, shape=None, device=None):
+    """ΔW of a LoHa or LoKr module as its forward computes it: get_weight(shape) already holds alpha/dim
+    (loha: (w1a w1b) ⊙ (w2a w2b) · γ with γ = scale; lokr: make_kron(w1, w2, scale)), times the module's scalar.
+    LyCORIS 3.4.0's own get_diff_weight multiplies by scale a second time and drops the scalar, so its merge_to
+    adds (alpha/dim)² instead of alpha/dim."""
+    diff = module.get_weight(shape) * module.scalar * multiplier
+    return (diff if device is None else diff.to(device)), None
+
+
+def merge_to(network, text_encoders, unet, weights_sd: dict, dtype, device) -> None:
+    """--base_weights for a LyCORIS network made by create_network_from_weights: each module merged into its layer
+    with the network's multiplier (--base_weights_multiplier) and the delta its forward adds. LyCORIS's kohya
+    merge_to merges with multiplier 1 whatever the network's, and double-scales LoHa and LoKr (_forward_diff_weight);
+    LoCon, DoRA, OFT/BOFT, GLoRA and norms merge with LyCORIS's own get_merged_weight."""
+    import types
+
+    from lycoris.modules.loha import LohaModule
+    from lycoris.modules.lokr import LokrModule
+
+    def has(prefix: str) -> bool:  # which models the file holds modules of, as LyCORIS's merge_to decides
+        return any(key.startswith(prefix) for key in weights_sd)
+
+    modules = ((network.text_encoder_loras if has(network.LORA_PREFIX_TEXT_ENCODER) else [])
+               + (network.unet_loras if has(network.LORA_PREFIX_UNET) else []))
+    for module in modules:
+        if isinstance(module, (LohaModule, LokrModule)):
+            module.get_diff_weight = types.MethodType(_forward_diff_weight, module)
+        module.merge_to(module.multiplier)

@@ -18,7 +18,7 @@ from library.errors import UserError, closest
 from library.fileio import atomic_write
 
 # network modules that are not ours -> our support module for them (validate_network_args, load_weights,
-# save_weights, prepare_network, create_network_from_weights)
+# save_weights, prepare_network, create_network, create_network_from_weights, merge_to)
 _SUPPORT_MODULES = {"lycoris.kohya": "networks.lycoris_support"}
 
 
@@ -92,6 +92,25 @@ def create_network_from_weights(network_module: str, multiplier: float, file: st
     create = _support_function(network_module, "create_network_from_weights")
     create = create or importlib.import_module(network_module).create_network_from_weights
     return create(multiplier, file, vae, text_encoders, denoiser, **kwargs)
+
+
+def create_network(network_module: str, multiplier: float, network_dim, network_alpha, vae, text_encoders, denoiser,
+                   **kwargs):
+    """The module's create_network; LyCORIS's through our support module, which translates its presets for
+    diffusers UNets."""
+    create = _support_function(network_module, "create_network")
+    create = create or importlib.import_module(network_module).create_network
+    return create(multiplier, network_dim, network_alpha, vae, text_encoders, denoiser, **kwargs)
+
+
+def merge_network(network, network_module: str, text_encoders, denoiser, weights: dict, dtype, device) -> None:
+    """--base_weights: network.merge_to(text_encoders, denoiser, weights, dtype, device) as KS calls it; LyCORIS's
+    through our support module (the network's multiplier, and LoHa/LoKr merged as their forward computes)."""
+    merge = _support_function(network_module, "merge_to")
+    if merge is not None:
+        merge(network, text_encoders, denoiser, weights, dtype, device)
+    else:
+        network.merge_to(text_encoders, denoiser, weights, dtype, device)
 
 
 def prepare_network(network, network_module: str, denoiser, text_encoders) -> None:

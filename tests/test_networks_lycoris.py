@@ -27,7 +27,7 @@ def test_known_keys_are_exactly_what_lycoris_reads():
     ["algo=lokr", "factor=8", "conv_dim=4", "conv_alpha=2", "preset=attn-mlp", "dora_wd=True"],
     ["algo=loha", "use_tucker=False", "dropout=0.1", "rank_dropout=0.05", "module_dropout=0.1"],
     ["algo=diag-oft", "constraint=0.1", "rescaled=True"],
-    ["algo=boft"], ["algo=full"], ["algo=locon", "dora_wd=True", "wd_on_output=False"],
+    ["algo=boft"], ["algo=locon", "dora_wd=True", "wd_on_output=False"],
 ])
 def test_lycoris_recipes_pass(items):
     assert network_args_lib.validate("lycoris.kohya", items, "sdxl", network_dim=8, network_alpha=4)
@@ -43,6 +43,7 @@ def test_lycoris_recipes_pass(items):
     (["algo=lokr", "factor=0"], "factor='0'"),
     (["rank_dropout=2"], "rank_dropout='2'"),
     (["block_dims=4,4"], "networks.lora option"),
+    (["algo=full"], "algo=full does not run with LyCORIS 3.4.0"),
 ])
 def test_lycoris_mistakes_are_named(items, message):
     with pytest.raises(UserError, match="--network_args") as err:
@@ -168,3 +169,136 @@ def test_ks_trained_sdxl_lycoris_file_with_sai_names_loads(tmp_path):
     assert load_weights(network, path, unet) == {}
     loaded = network.state_dict()
     assert all(torch.equal(loaded[k], wanted[k]) for k in wanted)
+
+
+def test_lycoris_full_algo_crashes_in_its_forward_so_it_is_refused():
+    """Why algo=full is refused: LyCORIS 3.4.0's FullModule.apply_to deletes the layer's weight and its forward
+    then calls the layer's own forward (AttributeError at the first step); bypass_mode is refused by FullModule."""
+    from lycoris.kohya import create_network as lycoris_create_network
+
+    layer = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    network = lycoris_create_network(1.0, 4, 1, None, None, layer, algo="full", preset="full-lin")
+    type(network).UNET_TARGET_REPLACE_MODULE, names = ["Sequential"], type(network).UNET_TARGET_REPLACE_NAME
+    try:
+        network = type(network)(None, layer, network_module="full")
+    finally:
+        type(network).UNET_TARGET_REPLACE_NAME = names
+    network.apply_to(None, layer, apply_text_encoder=False, apply_unet=True)
+    with pytest.raises(AttributeError, match="weight"):
+        layer(torch.zeros(1, 4))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# presets: attn-only trains the attention layers on diffusers UNets too
+# ---------------------------------------------------------------------------------------------------------
+def attention_linears(unet) -> set[str]:
+    """LyCORIS names of the Linear layers of every attention module (what KS's attn-only trains in its
+    CrossAttention: to_q, to_k, to_v, to_out.0)."""
+    return {f"lora_unet_{path}_{leaf}".replace(".", "_") for path, m in unet.named_modules()
+            if type(m).__name__ == "Attention" for leaf in ("to_q", "to_k", "to_v", "to_out.0")}
+
+
+def test_attn_only_preset_trains_every_attention_layer_of_a_diffusers_unet():
+    from lycoris.kohya import create_network as lycoris_create_network
+
+    from library.tiny_models import build_sd15
+
+    pipe = build_sd15(seed=0)
+    network = network_args_lib.create_network("lycoris.kohya", 1.0, 4, 1, None, pipe.text_encoder, pipe.unet,
+                                              algo="lokr", preset="attn-only")  # as the training loop makes it
+    unet_modules = {m.lora_name for m in network.unet_loras}
+    assert len(unet_modules) == 4 * 2 * sum(type(m).__name__ == "BasicTransformerBlock" for m in pipe.unet.modules())
+    assert unet_modules == attention_linears(pipe.unet)
+    te_modules = {m.lora_name for m in network.text_encoder_loras}
+    layers = pipe.text_encoder.config.num_hidden_layers
+    assert te_modules == {f"lora_te_{p}_self_attn_{proj}" for p in
+                          (f"encoder_layers_{i}" for i in range(layers)) for proj in ("q_proj", "k_proj", "v_proj",
+                                                                                       "out_proj")}
+    # LyCORIS's own preset names KS's CrossAttention class only: no UNet module on diffusers' Attention
+    untranslated = lycoris_create_network(1.0, 4, 1, None, None, pipe.unet, algo="lokr", preset="attn-only")
+    assert untranslated.unet_loras == []
+
+
+def test_preset_translation_only_adds_diffusers_attention():
+    from lycoris.config import PRESET
+
+    from networks.lycoris_support import preset_for_diffusers
+
+    for name, preset in PRESET.items():
+        translated = preset_for_diffusers(preset)
+        expected = preset["unet_target_module"] + (["Attention"] if "CrossAttention" in preset["unet_target_module"]
+                                                   else [])
+        assert translated == {**preset, "unet_target_module": expected}, name
+    assert "_diffusers_" not in "".join(PRESET)  # the private entry is gone after create_network
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --base_weights: the merged model computes what the network computes
+# ---------------------------------------------------------------------------------------------------------
+def test_loha_and_lokr_merge_delta_is_the_math():
+    """LoHa ΔW = (w1a w1b) ⊙ (w2a w2b) · alpha/dim, LoKr ΔW = kron(w1, w2a w2b) · alpha/dim (LyCORIS's papers and
+    its forward); LyCORIS 3.4.0's get_diff_weight gives (alpha/dim)² instead."""
+    from lycoris.modules.loha import LohaModule
+    from lycoris.modules.lokr import LokrModule
+
+    from networks.lycoris_support import _forward_diff_weight
+
+    g = torch.Generator().manual_seed(0)
+    loha = LohaModule("l", torch.nn.Linear(6, 8, bias=False), lora_dim=2, alpha=1)
+    lokr = LokrModule("k", torch.nn.Linear(32, 64, bias=False), lora_dim=2, alpha=1, factor=4, decompose_both=False)
+    with torch.no_grad():
+        for p in list(loha.parameters()) + list(lokr.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g))
+    h = {n: p.detach() for n, p in loha.named_parameters()}
+    expected = (h["hada_w1_a"] @ h["hada_w1_b"]) * (h["hada_w2_a"] @ h["hada_w2_b"]) * 0.5
+    torch.testing.assert_close(_forward_diff_weight(loha, shape=(8, 6))[0], expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(loha.get_diff_weight(shape=(8, 6))[0], expected * 0.5)  # LyCORIS's: scale twice
+    k = {n: p.detach() for n, p in lokr.named_parameters()}
+    assert lokr.scale == 0.5 and "lokr_w1" in k and "lokr_w2_a" in k
+    expected = torch.kron(k["lokr_w1"], k["lokr_w2_a"] @ k["lokr_w2_b"]) * 0.5
+    torch.testing.assert_close(_forward_diff_weight(lokr, shape=(64, 32))[0], expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(lokr.get_diff_weight(shape=(64, 32))[0], expected * 0.5)
+
+
+MERGE_RUNS = {"locon": dict(algo="locon", conv_dim="2", conv_alpha="1"),
+              "loha": dict(algo="loha", conv_dim="2", conv_alpha="1"),
+              "lokr": dict(algo="lokr", factor="4", conv_dim="2", conv_alpha="1")}
+
+
+@pytest.mark.parametrize("algo", sorted(MERGE_RUNS))
+def test_base_weights_merge_equals_the_network_forward(algo, tmp_path):
+    """--base_weights with --base_weights_multiplier 0.5 and alpha/dim = 0.5: the merged model's output equals the
+    output of the model with the network applied at multiplier 0.5 (LyCORIS's merge_to: multiplier 1, and LoHa /
+    LoKr with (alpha/dim)²)."""
+    from types import SimpleNamespace
+
+    from library import ks_run
+    from library.tiny_models import build_sd15
+    from networks import network_args as network_args_module
+
+    pipe = build_sd15(seed=0)
+    base = (unet_output(pipe.unet), text_output(pipe.text_encoder))
+    network = lycoris_kohya.create_network(0.5, 4, 2, None, pipe.text_encoder, pipe.unet, **MERGE_RUNS[algo])
+    network.apply_to(pipe.text_encoder, pipe.unet, apply_text_encoder=True, apply_unet=True)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    hooked = (unet_output(pipe.unet), text_output(pipe.text_encoder))
+    path = str(tmp_path / "base.safetensors")
+    network_args_module.save_network_weights(network, path, None, {})
+
+    fresh = build_sd15(seed=0)
+    args = SimpleNamespace(base_weights=[path], base_weights_multiplier=[0.5], network_module="lycoris.kohya")
+    models = SimpleNamespace(text_encoders=[fresh.text_encoder], vae=None, denoiser=fresh.unet)
+    ks_run.merge_base_weights(args, models, torch.float32, "cpu")
+    merged = (unet_output(fresh.unet), text_output(fresh.text_encoder))
+    for h, m, b in zip(hooked, merged, base):
+        assert (h - b).abs().max() > 0.1 * h.abs().max()  # a real delta
+        assert (m - h).abs().max() <= 1e-5 * h.abs().max()
+
+
+def text_output(text_encoder) -> torch.Tensor:
+    ids = torch.randint(0, 50, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        return text_encoder(ids).last_hidden_state

@@ -228,6 +228,30 @@ def test_dim_from_weights_builds_every_module_of_a_ks_named_file(tmp_path):
     assert {lora.lora_name for lora in rebuilt.loras} == {k.split(".")[0] for k in network.state_dict()}
 
 
+def test_sdxl_attn_only_file_names_the_attention_modules_ks_trains(tmp_path):
+    """preset=attn-only: KS's LyCORIS trains the Linears of every CrossAttention of its SAI UNet (attn1/attn2 to_q,
+    to_k, to_v, to_out.0); our file names exactly those (diffusers calls the class Attention), and only the CLIP
+    self-attention projections."""
+    from library.tiny_models import build_sdxl
+    from networks.lycoris_support import create_network
+
+    pipe = build_sdxl(seed=0)
+    tes = [pipe.text_encoder, pipe.text_encoder_2]
+    network = create_network(1.0, 4, 2, None, tes, pipe.unet, algo="locon", preset="attn-only")
+    network.apply_to(tes, pipe.unet, apply_text_encoder=True, apply_unet=True)
+    prepare_network(network, pipe.unet, tes)
+    path = str(tmp_path / "attn.safetensors")
+    network_args.save_network_weights(network, path, None, {})
+    modules = {k.split(".", 1)[0] for k in load_file(path)}
+    ks_attention = {"lora_unet_" + p.replace(".", "_") for p in sai_weight_shapes(pipe.unet)
+                    if re.search(r"\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$", p)}
+    assert len(ks_attention) == 8 * sum(type(m).__name__ == "BasicTransformerBlock" for m in pipe.unet.modules())
+    assert {m for m in modules if m.startswith("lora_unet_")} == ks_attention
+    te_modules = {m for m in modules if not m.startswith("lora_unet_")}
+    assert te_modules and all(re.fullmatch(r"lora_te[12]_text_model_encoder_layers_\d+_self_attn_[qkvout]+_proj", m)
+                              for m in te_modules)
+
+
 def test_sdxl_module_without_an_sai_name_is_refused():
     pipe, network = sdxl_with_network(ALGOS["locon"], randomise=False)
     network.add_module("lora_unet_time_proj_extra", torch.nn.Linear(2, 2))  # no such module in an SAI UNet

@@ -4,8 +4,9 @@
 
 KS trains SDXL on its own SAI-layout UNet (sd-scripts library/sdxl_original_unet.py). This builds that UNet and
 our diffusers SDXL UNet (configs/models/sdxl) on the meta device, gives both to LyCORIS's kohya create_network,
-renames ours as networks/lycoris_support.py writes files, and prints per algorithm: the modules only one side has,
-and the tensors whose key or shape differ. Needs einops (KS's UNet imports it). DoRA is skipped (LyCORIS reads
+renames ours as networks/lycoris_support.py writes files, and prints per algorithm and per LyCORIS preset (ours
+translated for diffusers UNets as the trainer does, networks/lycoris_support.create_network): the modules only one
+side has, and the tensors whose key or shape differ. Needs einops (KS's UNet imports it). DoRA is skipped (LyCORIS reads
 the frozen weight at construction, which meta tensors do not have).
 """
 from __future__ import annotations
@@ -18,6 +19,9 @@ import types
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ALGOS = {"locon": {}, "lokr": {"factor": "8"}, "loha": {}, "locon + train_norm": {"train_norm": "True"}}
+# LyCORIS 3.4.0's built-in presets this trainer documents (docs/networks.md), each with algo=locon
+PRESETS = ("full", "full-lin", "attn-mlp", "attn-only", "unet-only", "unet-transformer-only", "unet-convblock-only")
+ROWS = {**ALGOS, **{f"locon, preset={preset}": {"preset": preset} for preset in PRESETS}}
 
 
 def load_ks_unet_module(path: str) -> types.ModuleType:
@@ -40,9 +44,9 @@ def tensor_shapes(network, names: dict[str, str] | None = None) -> dict[str, tup
 def main(argv: list[str] | None = None) -> int:
     import torch
     from diffusers import UNet2DConditionModel
-    from lycoris.kohya import create_network
+    from lycoris.kohya import create_network as ks_create_network
 
-    from networks.lycoris_support import file_names
+    from networks.lycoris_support import create_network, file_names
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ks_unet", required=True, help="sd-scripts library/sdxl_original_unet.py")
@@ -57,11 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         ks_unet, ours = ks.SdxlUNet2DConditionModel(), UNet2DConditionModel.from_config(config)
     print("| algo | KS modules | ours | only ours | only KS | tensors of shared modules differing in key or shape |")
     print("|---|---|---|---|---|---|")
-    for label, extra in ALGOS.items():
-        kwargs = dict(algo=label.split()[0], conv_dim=str(args.conv_dim), conv_alpha="1", **extra)
+    for label, extra in ROWS.items():
+        kwargs = dict(algo=label.split()[0].rstrip(","), conv_dim=str(args.conv_dim), conv_alpha="1", **extra)
         networks = []
-        for unet in (ks_unet, ours):
-            network = create_network(1.0, args.dim, 1, None, None, unet, **kwargs)
+        for unet, create in ((ks_unet, ks_create_network), (ours, create_network)):
+            network = create(1.0, args.dim, 1, None, None, unet, **kwargs)
             network.apply_to(None, unet, apply_text_encoder=False, apply_unet=True)
             networks.append(network)
         theirs = tensor_shapes(networks[0])
