@@ -176,16 +176,20 @@ def test_lycoris_full_algo_crashes_in_its_forward_so_it_is_refused():
     then calls the layer's own forward (AttributeError at the first step); bypass_mode is refused by FullModule."""
     from lycoris.kohya import create_network as lycoris_create_network
 
-    layer = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    network = lycoris_create_network(1.0, 4, 1, None, None, layer, algo="full", preset="full-lin")
-    type(network).UNET_TARGET_REPLACE_MODULE, names = ["Sequential"], type(network).UNET_TARGET_REPLACE_NAME
-    try:
-        network = type(network)(None, layer, network_module="full")
-    finally:
-        type(network).UNET_TARGET_REPLACE_NAME = names
+    class Transformer2DModel(torch.nn.Module):  # a class LyCORIS's default preset targets
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+    layer = Transformer2DModel()
+    network = lycoris_create_network(1.0, 4, 1, None, None, layer, algo="full")
     network.apply_to(None, layer, apply_text_encoder=False, apply_unet=True)
+    assert [type(m).__name__ for m in network.unet_loras] == ["FullModule"]
+    assert not hasattr(layer.proj, "weight")
     with pytest.raises(AttributeError, match="weight"):
-        layer(torch.zeros(1, 4))
+        layer.proj(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="bypass mode is not supported"):
+        lycoris_create_network(1.0, 4, 1, None, None, Transformer2DModel(), algo="full", bypass_mode="True")
 
 
 # ---------------------------------------------------------------------------------------------------------
