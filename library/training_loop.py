@@ -350,7 +350,8 @@ def train(args: argparse.Namespace, adapter: FamilyAdapter) -> str:
     memory_modes.enable_gradient_checkpointing(models, network, plan.memory, plan.train_text_encoder)
     network.to(device)
     memory_modes.cast_network(network, plan.memory)  # --full_bf16 / --full_fp16
-    speed.apply(models, getattr(args, "channels_last", False),  # after LoRA patched the denoiser's layers
+    channels_last = getattr(args, "channels_last", False) or speed.channels_last_by_default(device, plan.weight_dtype)
+    speed.apply(models, channels_last,  # after LoRA patched the denoiser's layers
                 args.dynamo_backend if getattr(args, "torch_compile", False) else None)
 
     # Steps: an epoch is this rank's share of batches; an optimizer step is gradient_accumulation_steps of them.

@@ -158,3 +158,41 @@ def test_latents_reach_the_unet_in_the_default_layout(setup, monkeypatch):
         run_inprocess("sd1", base_argv(model, data, str(root / f"layout_{cache}"), steps=1, cache_latents=cache))
         monkeypatch.setattr(training_loop, "_forward_backward", original)
     assert layouts == [(True, True), (False, True)]
+
+
+def test_channels_last_is_the_cpu_default_for_bf16_weights_only():
+    import torch
+
+    from library import speed
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert speed.channels_last_by_default(cpu, torch.bfloat16)
+    assert not speed.channels_last_by_default(cpu, torch.float32)
+    assert not speed.channels_last_by_default(cpu, torch.float16)
+    assert not speed.channels_last_by_default(cuda, torch.bfloat16)
+
+
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_the_loop_puts_a_bf16_unet_in_channels_last_on_cpu(setup, monkeypatch, mixed_precision):
+    import torch
+    from accelerate.state import AcceleratorState
+
+    from library import speed
+
+    model, data, root = setup
+    layouts = []
+    original = speed.apply
+
+    def recorded(models, channels_last=False, compile_backend=None):
+        original(models, channels_last, compile_backend)
+        convs = [m.weight for m in models.denoiser.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+        layouts.append(all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs))
+
+    monkeypatch.setattr(speed, "apply", recorded)
+    AcceleratorState._reset_state(True)  # bf16: other tests of this process set up accelerate without it
+    try:
+        run_inprocess("sd1", base_argv(model, data, str(root / f"cl_{mixed_precision}"), steps=1, cache_latents=True,
+                                       mixed_precision=mixed_precision))
+    finally:
+        AcceleratorState._reset_state(True)
+    assert layouts == [mixed_precision == "bf16"]
