@@ -70,6 +70,25 @@ _KS_LORA_ONLY = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_al
                  "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "exclude_patterns", "include_patterns")
 
 
+def _check_preset_file(path: str) -> None:
+    """Read a preset .toml as LyCORIS will (lycoris.utils.preset.read_preset), before any model loads: it prints
+    its reason and returns None for a file it cannot use, which would otherwise surface only after the load."""
+    import contextlib
+    import io
+
+    from lycoris.utils.preset import read_preset
+
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        try:
+            preset = read_preset(path)
+        except (AttributeError, TypeError, ValueError) as e:  # a known key with a value of the wrong shape
+            preset, said = None, io.StringIO(f"a value has the wrong type: {e}")
+    if preset is None:
+        reason = " ".join(said.getvalue().split()).removeprefix("Error: ") or "unreadable"
+        raise UserError(f"--network_args: preset={path!r} is not a usable LyCORIS preset file ({reason})")
+
+
 def validate_network_args(network_args: dict, family: str, network_dim=None, network_alpha=None,
                           network_dropout=None, fp8_base: bool = False, **_ignored) -> dict:
     """Raise UserError on unknown keys, bad values, an unknown algo or preset, or an option the algo ignores."""
@@ -117,6 +136,8 @@ def validate_network_args(network_args: dict, family: str, network_dim=None, net
     if preset is not None and preset not in PRESET and not os.path.isfile(preset):
         raise UserError(f"--network_args: preset={preset!r} is neither a LyCORIS preset ({', '.join(PRESET)}) nor "
                         "an existing preset .toml file")
+    if preset is not None and preset not in PRESET:
+        _check_preset_file(preset)
     spec = ALGO_REGISTRY.get(algo)
     if spec is not None:
         for key, option in _ALGO_SPECIFIC.items():

@@ -51,6 +51,21 @@ def test_lycoris_mistakes_are_named(items, message):
     assert message in str(err.value)
 
 
+def test_a_malformed_preset_file_is_refused_before_loading(tmp_path):
+    broken = tmp_path / "broken.toml"
+    broken.write_text('unet_target_module = ["Attention\n')  # TOML syntax error: an unterminated string
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("unet_target_modules = []\n")  # valid TOML, a key LyCORIS does not know
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text("module_algo_map = 3\n")  # a known key whose value LyCORIS cannot read (it crashed)
+    good = tmp_path / "good.toml"
+    good.write_text('unet_target_module = ["Transformer2DModel"]\ntext_encoder_target_module = []\n')
+    for path in (broken, unknown, wrong):
+        with pytest.raises(UserError, match=f"preset='{path}' is not a usable LyCORIS preset file"):
+            network_args_lib.validate("lycoris.kohya", [f"preset={path}"], "sd1", network_dim=4, network_alpha=1)
+    assert network_args_lib.validate("lycoris.kohya", [f"preset={good}"], "sd1", network_dim=4, network_alpha=1)
+
+
 def test_lycoris_flag_mistakes():
     with pytest.raises(UserError, match="--network_dropout"):
         network_args_lib.validate("lycoris.kohya", ["algo=lokr"], "sd1", network_dropout=0.1)
