@@ -50,6 +50,11 @@ def _identity(path: str) -> tuple[str, str]:
     return f"{real}|{stat.st_size}|{stat.st_mtime_ns}", real
 
 
+def _path_of(key: str) -> str:
+    """The real path of a cache key (the path may itself contain "|"; size and time never do)."""
+    return key.rsplit("|", 2)[0]
+
+
 def _read_cache() -> dict[str, str]:
     try:
         with open(cache_path(), encoding="utf-8") as f:
@@ -65,8 +70,8 @@ def _remember(key: str, digest: str) -> None:
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         entries = _read_cache()
-        real = key.split("|", 1)[0]
-        entries = {k: v for k, v in entries.items() if k.split("|", 1)[0] != real}  # older versions of this file
+        real = _path_of(key)
+        entries = {k: v for k, v in entries.items() if _path_of(k) != real}  # older versions of this file
         entries[key] = digest
         fd, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".sha256-", suffix=".json")
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -73,10 +73,10 @@ def check_mixed_precision(mixed_precision: str | None) -> None:
 def channels_last_by_default(device: torch.device, weight_dtype: torch.dtype) -> bool:
     """The denoiser goes to channels_last without --channels_last on the CPU when its frozen weights are bf16.
 
-    Measured with bench/vs_kohya.py, full-size SD1.5 at 256 px, one thread: the bf16 step takes 0.96x the CPU time in
-    NHWC (2.12 vs 2.17-2.25 s; oneDNN's bf16 convolutions run natively in NHWC), at the cost of ~0.7 s of set-up
-    (one copy of the conv weights) and 0.2 GiB more peak memory (7 %). At fp32 NHWC was 8 % slower per step (bench/speed_options.py), so fp32 stays
-    NCHW. Not on CUDA (not measured here; --channels_last asks for it)."""
+    Measured with bench/vs_kohya.py, full-size SD1.5 at 256 px, one thread: the bf16 step takes 0.96x the CPU time
+    in NHWC (2.12 vs 2.17-2.25 s; oneDNN's bf16 convolutions run natively in NHWC), at the cost of ~0.7 s of set-up
+    (one copy of the conv weights) and 0.2 GiB more peak memory (7 %). At fp32 NHWC was 8 % slower per step
+    (bench/speed_options.py), so fp32 stays NCHW. Not on CUDA (not measured here; --channels_last asks for it)."""
     return device.type == "cpu" and weight_dtype == torch.bfloat16
 
 
@@ -96,8 +96,9 @@ def vae_layout(vae: torch.nn.Module | None, device: torch.device) -> None:
 
     A convolution with channels_last weights runs in NHWC (torch picks the layout from input or weight), which
     oneDNN computes without converting every layer's input and output from NCHW: the SD VAE encoder at 256 px, one
-    thread, takes 0.90x the CPU time in fp32 and 0.91x in bf16 (bench/vae_encode.py).
-    Results differ from NCHW in rounding only (7e-6 relative on the latents, tests/test_speed.py). Not on CUDA,
-    where cuDNN's choice depends on the GPU and dtype and was not measured here."""
+    thread, takes 0.91x the CPU time in fp32 and 0.89x in bf16 (bench/vae_encode.py). Results differ from NCHW in
+    rounding only (5e-6 relative on the latents; tests/test_speed.py checks 1e-5). Not on CUDA, where cuDNN's
+    choice depends on the GPU and dtype and was not measured here. The latents it returns are NHWC: the loop makes
+    them contiguous (training_loop._encode_latents) so the UNet is not switched to NHWC with them."""
     if vae is not None and device.type == "cpu":
         vae.to(memory_format=torch.channels_last)

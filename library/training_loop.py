@@ -610,8 +610,7 @@ def _forward_backward(run: Run, batch: dict, micro_step: int):
         if batch.get("latents") is not None:
             latents = batch["latents"].to(device, torch.float32)
         else:
-            # contiguous: a channels_last VAE (speed.vae_layout) returns NHWC latents, which would run the UNet in NHWC
-            latents = adapter.encode_images(models, batch["images"].to(device, torch.float32)).float().contiguous()
+            latents = _encode_latents(adapter, models, batch["images"], device)
     if batch.get("text_encoder_outputs") is not None:
         conditioning = {k: v.to(device) for k, v in batch["text_encoder_outputs"].items()}
         if plan.train_text_encoder:  # a partial cache (Flux: T5 cached, the trained CLIP-L runs live)
@@ -642,12 +641,18 @@ def _forward_backward(run: Run, batch: dict, micro_step: int):
 # ----------------------------------------------------------------------------------------------------------------
 # 4. Setup helpers
 # ----------------------------------------------------------------------------------------------------------------
+def _encode_latents(adapter, models, images: torch.Tensor, device) -> torch.Tensor:
+    """The VAE's fp32 latents of images in [-1, 1], contiguous: a channels_last VAE (speed.vae_layout) returns
+    NHWC latents, which would run the UNet in NHWC."""
+    return adapter.encode_images(models, images.to(device, torch.float32)).float().contiguous()
+
+
 def _cache_latents(args, adapter, models, group, accelerator) -> None:
     cache_key = latent_cache.vae_cache_key(adapter.name, models.vae)
 
     def encode(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return adapter.encode_images(models, images.to(accelerator.device, torch.float32)).float().cpu().contiguous()
+            return _encode_latents(adapter, models, images, accelerator.device).cpu()
 
     # The main process fills the disk cache first; the others then read it instead of recomputing.
     if args.cache_latents_to_disk:

@@ -116,3 +116,18 @@ def test_metadata_hashes_come_from_the_cache_and_no_metadata_hashes_nothing(cach
     os.remove(cache)
     metadata.prefetch_model_hashes(args)
     assert os.path.realpath(model) not in file_hashes._pending and len(calls) == 1
+
+
+def test_paths_with_a_bar_keep_their_own_entries(cache, tmp_path, monkeypatch):
+    """The cache key is path|size|time: a "|" in the path must not make two files one (nor evict each other)."""
+    paths = []
+    for name, data in (("a|b", b"first"), ("a|c", b"second!")):
+        (tmp_path / name).mkdir()
+        paths.append(str(tmp_path / name / "model.safetensors"))
+        with open(paths[-1], "wb") as f:
+            f.write(data)
+        file_hashes.cached_sha256(paths[-1])
+    calls = _calls(monkeypatch)
+    assert [file_hashes.cached_sha256(p) for p in paths] == [_sha(p) for p in paths]
+    assert calls == []  # both still remembered
+    assert sorted(json.load(open(cache)).values()) == sorted(_sha(p) for p in paths)
