@@ -26,6 +26,14 @@ def sd15(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
+def sdxl(tmp_path_factory) -> str:
+    """A tiny SDXL diffusers folder, built once per test module."""
+    from tests.fixtures.tiny_sdxl import write_tiny_sdxl
+
+    return write_tiny_sdxl(str(tmp_path_factory.mktemp("models") / "sdxl")).diffusers_dir
+
+
+@pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> str:
     """A KS folder dataset: '2_sks photo' with two captioned 64 px pictures."""
     from tests.train_helpers import make_images

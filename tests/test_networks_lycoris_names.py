@@ -95,6 +95,16 @@ ALGOS = {
 }
 
 
+def assert_file_restores(network, path: str, unet, expected: dict[str, torch.Tensor]) -> None:
+    """Zero the network, load `path` into it: no module skipped, every tensor equal to `expected`."""
+    with torch.no_grad():
+        for p in network.parameters():
+            p.zero_()
+    assert load_weights(network, path, unet) == {}
+    loaded = network.state_dict()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
 def sdxl_with_network(kwargs: dict, randomise: bool, pipe=None):
     from library.tiny_models import build_sdxl
 
@@ -177,12 +187,7 @@ def test_sdxl_file_uses_ks_sai_names_that_ks_and_comfyui_map_and_loads_back(algo
     old = str(tmp_path / "old.safetensors")
     save_file({k: v.contiguous() for k, v in own.items()}, old)
     assert any(k.startswith("lora_unet_down_blocks_") for k in own)
-    with torch.no_grad():
-        for p in network2.parameters():
-            p.zero_()
-    assert load_weights(network2, old, pipe2.unet) == {}
-    loaded = network2.state_dict()
-    assert all(torch.equal(loaded[k], own[k]) for k in own)
+    assert_file_restores(network2, old, pipe2.unet, own)
 
 
 def test_sd1_unet_names_stay_diffusers_paths_and_clip_gets_text_model(tmp_path):
@@ -210,13 +215,7 @@ def test_ks_trained_sdxl_file_with_text_encoder_modules_loads(tmp_path):
     pipe, network = sdxl_with_network(ALGOS["loha"], randomise=True)
     path = str(tmp_path / "ks.safetensors")
     network_args.save_network_weights(network, path, None, {})
-    expected = {k: v.clone() for k, v in network.state_dict().items()}
-    with torch.no_grad():
-        for p in network.parameters():
-            p.zero_()
-    assert load_weights(network, path, pipe.unet) == {}
-    loaded = network.state_dict()
-    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+    assert_file_restores(network, path, pipe.unet, {k: v.clone() for k, v in network.state_dict().items()})
 
 
 def test_dim_from_weights_builds_every_module_of_a_ks_named_file(tmp_path):
@@ -262,23 +261,9 @@ def test_sdxl_module_without_an_sai_name_is_refused():
 # ---------------------------------------------------------------------------------------------------------
 # end to end: sdxl_train_network.py with lycoris.kohya
 # ---------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def sdxl_model(tmp_path_factory):
-    from tests.fixtures.tiny_sdxl import write_tiny_sdxl
-    return write_tiny_sdxl(str(tmp_path_factory.mktemp("sdxl"))).diffusers_dir
-
-
-@pytest.fixture(scope="module")
-def sdxl_data(tmp_path_factory):
-    from tests.train_helpers import make_images
-    root = tmp_path_factory.mktemp("data")
-    make_images(str(root / "2_sks photo"), 2, size=(64, 64))
-    return str(root)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ["locon", "lokr"])
-def test_sdxl_lycoris_run_writes_ks_names_resumes_bit_exactly_and_reloads(algo, sdxl_model, sdxl_data, tmp_path):
+def test_sdxl_lycoris_run_writes_ks_names_resumes_bit_exactly_and_reloads(algo, sdxl, dataset, tmp_path):
     from diffusers import UNet2DConditionModel
 
     from library import checkpointing
@@ -287,14 +272,14 @@ def test_sdxl_lycoris_run_writes_ks_names_resumes_bit_exactly_and_reloads(algo, 
     items = [f"{k}={v}" for k, v in ALGOS[algo].items()]
     common = dict(network_module="lycoris.kohya", network_args=items, save_every_n_steps=1, save_state=True,
                   train_batch_size=1)
-    full = run_inprocess("sdxl", base_argv(sdxl_model, sdxl_data, str(tmp_path / "full"), steps=2, **common))
+    full = run_inprocess("sdxl", base_argv(sdxl, dataset, str(tmp_path / "full"), steps=2, **common))
     state = str(tmp_path / "full" / (checkpointing.step_name("lora", 1) + "-state"))
-    resumed = run_inprocess("sdxl", base_argv(sdxl_model, sdxl_data, str(tmp_path / "resumed"), steps=2,
+    resumed = run_inprocess("sdxl", base_argv(sdxl, dataset, str(tmp_path / "resumed"), steps=2,
                                               resume=state, **common))
     a, b = load_file(full), load_file(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # resume is bit-exact
 
-    unet = UNet2DConditionModel.from_pretrained(sdxl_model, subfolder="unet")
+    unet = UNet2DConditionModel.from_pretrained(sdxl, subfolder="unet")
     modules = {k.split(".", 1)[0] for k in a}
     assert {m for m in modules if m.startswith("lora_unet_")} == ks_lycoris_unet_modules(unet, conv=True)
     assert {m for m in modules if not m.startswith("lora_unet_")} <= comfyui_clip_keys(("lora_te1", "lora_te2"))
@@ -305,7 +290,7 @@ def test_sdxl_lycoris_run_writes_ks_names_resumes_bit_exactly_and_reloads(algo, 
     # moves each tensor by about 1e-8, while a tensor left at its initial value would be off by ~1e-3
     for extra in ({}, {"dim_from_weights": True}):
         out = str(tmp_path / f"again{len(extra)}")
-        again = run_inprocess("sdxl", base_argv(sdxl_model, sdxl_data, out, steps=1, network_module="lycoris.kohya",
+        again = run_inprocess("sdxl", base_argv(sdxl, dataset, out, steps=1, network_module="lycoris.kohya",
                                                 network_args=items, network_weights=full, learning_rate=1e-8,
                                                 train_batch_size=1, **extra))
         c = load_file(again)

@@ -9,19 +9,6 @@ from safetensors import safe_open
 from tests.train_helpers import base_argv, lora_tensors, make_images, run_inprocess
 
 
-@pytest.fixture(scope="session")
-def sdxl(tmp_path_factory):
-    from tests.fixtures.tiny_sdxl import write_tiny_sdxl
-    return write_tiny_sdxl(str(tmp_path_factory.mktemp("sdxl"))).diffusers_dir
-
-
-@pytest.fixture(scope="session")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_images(str(root / "2_sks photo"), 2, size=(64, 64))
-    return str(root)
-
-
 def test_sdxl_lora_loads_in_diffusers_and_equals_a_hand_merge(sdxl, dataset, tmp_path):
     from diffusers import StableDiffusionXLPipeline
     from networks import lora
